@@ -1,0 +1,290 @@
+"""The only module that imports llama_cpp.
+
+It wraps the pieces edgeft needs: loading a base (through llama-cpp-python's `Llama`, which knows
+this version's parameter structs), tokenizing and chat templates, a lean decode/sample loop on
+the C API (no per-token numpy copies), LoRA adapters on the context, and KV memory. llama.cpp's
+C names changed twice in 2025-26 (`llama_lora_adapter_*` -> `llama_adapter_lora_*`,
+`llama_set_adapter_lora` -> `llama_set_adapters_lora`, `llama_kv_self_*` -> `llama_memory_*`);
+each is feature-detected once here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import llama_cpp
+import numpy as np
+
+from .errors import AdapterError, InputError, ModelError
+
+log = logging.getLogger(__name__)
+
+VERSION = getattr(llama_cpp, "__version__", "unknown")
+
+
+def _first(*names: str):
+    for n in names:
+        fn = getattr(llama_cpp, n, None)
+        if fn is not None:
+            return fn
+    return None
+
+
+_adapter_init = _first("llama_adapter_lora_init", "llama_lora_adapter_init")
+_adapter_free = _first("llama_adapter_lora_free", "llama_lora_adapter_free")
+_set_adapters = _first("llama_set_adapters_lora")
+_set_adapter_one = _first("llama_set_adapter_lora", "llama_lora_adapter_set")
+_clear_adapters = _first("llama_clear_adapter_lora", "llama_lora_adapter_clear")
+_get_memory = _first("llama_get_memory")
+_memory_clear = _first("llama_memory_clear")
+_memory_seq_rm = _first("llama_memory_seq_rm")
+_kv_clear = _first("llama_kv_self_clear", "llama_kv_cache_clear")
+_kv_seq_rm = _first("llama_kv_self_seq_rm", "llama_kv_cache_seq_rm")
+
+if _adapter_init is None or (_set_adapters is None and _set_adapter_one is None):
+    raise ImportError(f"llama-cpp-python {VERSION} has no LoRA adapter API that edgeft knows")
+
+
+def system_info() -> str:
+    return llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip()
+
+
+def supports_gpu_offload() -> bool:
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def json_schema_to_gbnf(schema: dict) -> str:
+    from llama_cpp.llama_grammar import json_schema_to_gbnf as convert
+
+    return convert(json.dumps(schema))
+
+
+def api_names() -> dict[str, str]:
+    """Which llama.cpp C names this build offers (shown by `edgeft doctor`)."""
+    return {
+        "adapter_init": getattr(_adapter_init, "__name__", "?"),
+        "set_adapters": getattr(_set_adapters or _set_adapter_one, "__name__", "?"),
+        "memory": "llama_memory_*" if _memory_clear else "llama_kv_*",
+    }
+
+
+@dataclass
+class Sampling:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    grammar: str | None = None
+
+
+class Sampler:
+    """A llama.cpp sampler chain (grammar, top-k/top-p/min-p, temperature, dist or greedy)."""
+
+    def __init__(self, vocab, s: Sampling):
+        params = llama_cpp.llama_sampler_chain_default_params()
+        params.no_perf = True
+        self.ptr = llama_cpp.llama_sampler_chain_init(params)
+        add = lambda smpl: llama_cpp.llama_sampler_chain_add(self.ptr, smpl)  # noqa: E731
+        if s.grammar:
+            g = llama_cpp.llama_sampler_init_grammar(vocab, s.grammar.encode("utf-8"), b"root")
+            if not g:
+                self.close()
+                raise InputError("the output grammar does not parse", "check the task card's grammar or JSON schema")
+            add(g)
+        if s.temperature <= 0:
+            add(llama_cpp.llama_sampler_init_greedy())
+            return
+        if s.top_k > 0:
+            add(llama_cpp.llama_sampler_init_top_k(int(s.top_k)))
+        if 0 < s.top_p < 1:
+            add(llama_cpp.llama_sampler_init_top_p(float(s.top_p), 1))
+        if s.min_p > 0:
+            add(llama_cpp.llama_sampler_init_min_p(float(s.min_p), 1))
+        add(llama_cpp.llama_sampler_init_temp(float(s.temperature)))
+        seed = llama_cpp.LLAMA_DEFAULT_SEED if s.seed is None else int(s.seed) & 0xFFFFFFFF
+        add(llama_cpp.llama_sampler_init_dist(seed))
+
+    def close(self) -> None:
+        if self.ptr:
+            llama_cpp.llama_sampler_free(self.ptr)
+            self.ptr = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class Backend:
+    """One loaded base model and its context."""
+
+    def __init__(self, model_path: str, *, n_ctx: int = 2048, n_threads: int | None = None,
+                 n_batch: int = 512, n_gpu_layers: int = 0, use_mmap: bool = True,
+                 use_mlock: bool = False, flash_attn: bool = False, verbose: bool = False):
+        threads = n_threads or max(1, (os.cpu_count() or 2))
+        try:
+            self.llm = llama_cpp.Llama(
+                model_path=str(model_path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
+                n_threads=threads, n_threads_batch=threads, n_gpu_layers=n_gpu_layers,
+                use_mmap=use_mmap, use_mlock=use_mlock, flash_attn=flash_attn, verbose=verbose,
+            )
+        except (ValueError, RuntimeError, OSError) as e:
+            raise ModelError(f"llama.cpp could not load {model_path}: {e}",
+                             "the file is damaged or its architecture is not supported by this llama.cpp build") from None
+        self.model = self.llm._model.model
+        self.ctx = self.llm._ctx.ctx
+        self.vocab = self.llm._model.vocab
+        self.n_ctx = int(llama_cpp.llama_n_ctx(self.ctx))
+        self.n_batch = n_batch
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
+        self.n_threads = threads
+        self.metadata: dict[str, str] = dict(self.llm.metadata or {})
+        self._one = (llama_cpp.llama_token * 1)()
+        self._piece = ctypes.create_string_buffer(256)
+        self._formatter = None
+
+    # -- tokens and text ---------------------------------------------------------------
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=parse_special))
+
+    def piece(self, token: int, special: bool = False) -> bytes:
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+            return buf.raw[:n]
+        return self._piece.raw[:n]
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.metadata.get("tokenizer.chat_template")
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Render messages with the model's own Jinja chat template (as transformers does)."""
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        tmpl = self.chat_template
+        if not tmpl:
+            raise ModelError("this base model has no chat template", "use `complete` with a raw prompt instead")
+        if self._formatter is None or self._formatter.add_generation_prompt != add_generation_prompt:
+            bos, eos = self.llm._model.token_bos(), self.llm._model.token_eos()
+            self._formatter = Jinja2ChatFormatter(
+                template=tmpl,
+                eos_token=self.llm._model.token_get_text(eos) if eos != -1 else "",
+                bos_token=self.llm._model.token_get_text(bos) if bos != -1 else "",
+                add_generation_prompt=add_generation_prompt,
+            )
+        try:
+            return self._formatter(messages=messages).prompt
+        except Exception as e:  # jinja raises its own error types for bad message lists
+            raise InputError(f"the chat template rejected these messages: {e}",
+                             "check the roles and order of the messages") from None
+
+    # -- evaluation ---------------------------------------------------------------------
+    def decode(self, tokens: Sequence[int]) -> None:
+        """Append tokens to sequence 0 (positions follow what the KV memory holds)."""
+        n = len(tokens)
+        for i in range(0, n, self.n_batch):
+            chunk = tokens[i:i + self.n_batch]
+            arr = (llama_cpp.llama_token * len(chunk))(*chunk)
+            rc = llama_cpp.llama_decode(self.ctx, llama_cpp.llama_batch_get_one(arr, len(chunk)))
+            if rc != 0:
+                raise InputError(f"llama_decode failed (code {rc})", "the prompt may not fit the context; use a larger --ctx")
+
+    def decode_one(self, token: int) -> None:
+        self._one[0] = token
+        rc = llama_cpp.llama_decode(self.ctx, llama_cpp.llama_batch_get_one(self._one, 1))
+        if rc != 0:
+            raise InputError(f"llama_decode failed (code {rc})", "the context is full; use a larger --ctx")
+
+    def sample(self, sampler: Sampler) -> int:
+        return int(llama_cpp.llama_sampler_sample(sampler.ptr, self.ctx, -1))
+
+    def last_logits(self) -> np.ndarray:
+        ptr = llama_cpp.llama_get_logits_ith(self.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def logits_for(self, tokens: Sequence[int]) -> np.ndarray:
+        """Logits after each token of `tokens`, from an empty KV memory: shape (len, n_vocab)."""
+        self.memory_clear()
+        out = np.empty((len(tokens), self.n_vocab), dtype=np.float32)
+        for i in range(0, len(tokens), self.n_batch):
+            chunk = list(tokens[i:i + self.n_batch])
+            batch = llama_cpp.llama_batch_init(len(chunk), 0, 1)
+            try:
+                for j, t in enumerate(chunk):
+                    batch.token[j] = t
+                    batch.pos[j] = i + j
+                    batch.n_seq_id[j] = 1
+                    batch.seq_id[j][0] = 0
+                    batch.logits[j] = 1
+                batch.n_tokens = len(chunk)
+                rc = llama_cpp.llama_decode(self.ctx, batch)
+                if rc != 0:
+                    raise InputError(f"llama_decode failed (code {rc})", "use a larger --ctx")
+                for j in range(len(chunk)):
+                    ptr = llama_cpp.llama_get_logits_ith(self.ctx, j)
+                    out[i + j] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+            finally:
+                llama_cpp.llama_batch_free(batch)
+        self.memory_clear()
+        return out
+
+    # -- KV memory ----------------------------------------------------------------------
+    def memory_clear(self) -> None:
+        if _memory_clear is not None and _get_memory is not None:
+            _memory_clear(_get_memory(self.ctx), False)  # mark cells free; zeroing 40+ MB costs ms
+        else:
+            _kv_clear(self.ctx)
+
+    def memory_truncate(self, keep: int) -> bool:
+        """Drop positions >= keep from sequence 0; False if the memory cannot do that."""
+        if _memory_seq_rm is not None and _get_memory is not None:
+            return bool(_memory_seq_rm(_get_memory(self.ctx), 0, keep, -1))
+        return bool(_kv_seq_rm(self.ctx, 0, keep, -1))
+
+    # -- adapters -----------------------------------------------------------------------
+    def adapter_load(self, path: str) -> Any:
+        handle = _adapter_init(self.model, str(path).encode("utf-8"))
+        if not handle:
+            raise AdapterError(f"llama.cpp refused the adapter {path}",
+                               "it does not fit this base model; run with EDGEFT_VERBOSE=1 to see llama.cpp's reason")
+        return handle
+
+    def adapter_free(self, handle: Any) -> None:
+        if handle and _adapter_free is not None:
+            _adapter_free(handle)
+
+    def set_adapters(self, handles: Sequence[Any], scales: Sequence[float]) -> None:
+        """Replace the context's whole adapter set (empty detaches all)."""
+        n = len(handles)
+        if _set_adapters is not None:
+            if n == 0:
+                _set_adapters(self.ctx, None, 0, None)
+                return
+            arr = (llama_cpp.llama_adapter_lora_p_ctypes * n)(*handles)
+            sc = (ctypes.c_float * n)(*scales)
+            _set_adapters(self.ctx, arr, n, sc)
+            return
+        _clear_adapters(self.ctx)
+        for h, s in zip(handles, scales):
+            _set_adapter_one(self.ctx, h, float(s))
+
+    # -- lifetime -----------------------------------------------------------------------
+    def model_size_bytes(self) -> int:
+        return int(llama_cpp.llama_model_size(self.model))
+
+    def close(self) -> None:
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            llm.close()

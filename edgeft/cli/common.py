@@ -1,0 +1,50 @@
+"""Options shared by several commands (written once as Annotated aliases) and engine set-up."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+Base = Annotated[Optional[str], typer.Option("--base", "-b", help="Base model: manifest id (see `edgeft pull --list`) or path to a .gguf. Default: smollm2-135m.")]
+Adapter = Annotated[Optional[list[str]], typer.Option("--adapter", "-a", help="Adapter NAME[=SCALE] (registered name, bundle folder or .gguf). Repeat to mix.")]
+AdapterDir = Annotated[Optional[list[str]], typer.Option("--adapter-dir", help="Extra folder to search for adapter bundles (repeatable).")]
+Ctx = Annotated[int, typer.Option("--ctx", help="Context size in tokens.")]
+Threads = Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU threads (default: all cores).")]
+GpuLayers = Annotated[int, typer.Option("--gpu-layers", help="Layers to offload to the GPU (-1: all; needs a GPU build).")]
+MemoryBudget = Annotated[Optional[float], typer.Option("--memory-budget", help="MB that resident adapters may use; least recently used ones are freed.")]
+Force = Annotated[bool, typer.Option("--force", help="Load adapters even if made for another base (sha256 differs).")]
+
+
+def progress_printer():
+    """A rich progress bar for pulls; returns (callback, close)."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                   transient=True)
+    tasks: dict[str, int] = {}
+
+    def cb(phase: str, done: int, total: int) -> None:
+        if not bar.live.is_started:
+            bar.start()
+        if phase not in tasks:
+            tasks[phase] = bar.add_task(f"{phase} base model", total=total or None)
+        bar.update(tasks[phase], completed=done, total=total or None)
+
+    def close() -> None:
+        if bar.live.is_started:
+            bar.stop()
+
+    return cb, close
+
+
+def open_engine(base: str | None, *, ctx: int = 2048, threads: int | None = None, gpu_layers: int = 0,
+                adapter_dirs: list[str] | None = None, memory_budget: float | None = None):
+    from ..engine import Engine
+
+    cb, close = progress_printer()
+    try:
+        return Engine(base, n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers,
+                      adapter_dirs=adapter_dirs or [], memory_budget_mb=memory_budget, progress=cb)
+    finally:
+        close()

@@ -1,0 +1,465 @@
+"""Engine: one base model loaded once, LoRA adapters hot-swapped on its context.
+
+Swapping is `llama_set_adapters_lora` on the live context, never a reload. The adapter set that
+computed the KV cache is remembered; any change of the set (or of a scale) clears the KV cache
+and the token prefix it would otherwise reuse, so a prompt sharing a prefix with the previous
+one can never see K/V computed under another adapter.
+
+All public methods are serialized by one lock; a streaming generation holds it until the stream
+is exhausted or closed, so a swap from another thread waits instead of corrupting it.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence, Union
+
+from . import _llama
+from .bundles import AdapterBundle
+from .errors import AdapterError, InputError
+from .gguf_info import AdapterInfo, BaseInfo, base_info, inspect_adapter
+from .models import BaseModel, Progress, resolve_base
+from .registry import find
+from .tasks import TaskSpec
+
+if TYPE_CHECKING:
+    import numpy as np
+
+log = logging.getLogger(__name__)
+
+AdapterSpec = Union[None, str, Mapping[str, float], Sequence[str]]
+_UNSET: Any = object()
+
+
+def parse_adapter_spec(spec: AdapterSpec) -> dict[str, float]:
+    """None / "none" / "ner" / "ner=0.5,style=1" / ["ner=1", "style"] / {"ner": 1.0} -> {ref: scale}."""
+    if spec is None:
+        return {}
+    if isinstance(spec, Mapping):
+        out = {}
+        for k, v in spec.items():
+            try:
+                out[str(k)] = float(v)
+            except (TypeError, ValueError):
+                raise InputError(f"adapter scale for '{k}' is not a number: {v!r}") from None
+        return out
+    items: list[str] = []
+    for part in ([spec] if isinstance(spec, str) else list(spec)):
+        items.extend(p.strip() for p in str(part).split(",") if p.strip())
+    out = {}
+    for item in items:
+        if item.lower() == "none":
+            continue
+        ref, sep, scale = item.rpartition("=") if "=" in item else (item, "", "1")
+        try:
+            out[ref.strip()] = float(scale)
+        except ValueError:
+            raise InputError(f"bad adapter scale in '{item}'", "write NAME or NAME=SCALE, e.g. ner=0.5") from None
+    return out
+
+
+@dataclass
+class LoadedAdapter:
+    name: str
+    bundle: AdapterBundle
+    info: AdapterInfo
+    handle: Any
+    load_ms: float
+    last_used: float = 0.0
+
+    @property
+    def mb(self) -> float:
+        return self.info.nbytes / 1e6
+
+    @property
+    def task(self) -> TaskSpec | None:
+        return self.bundle.card.task
+
+
+@dataclass
+class Generation:
+    text: str
+    finish_reason: str            # "stop" | "length"
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_ms: float
+    decode_tps: float
+    adapters: dict[str, float]
+    reused_prefix: int = 0        # prompt tokens whose K/V were reused
+    value: Any = None             # parsed answer for task cards (label, JSON, text)
+
+
+@dataclass
+class Stats:
+    swaps: int = 0
+    last_swap_ms: float = 0.0
+    evictions: int = 0
+    last: Generation | None = None
+    swap_ms: list[float] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, base: str | os.PathLike | None = None, *, n_ctx: int = 2048,
+                 n_threads: int | None = None, n_batch: int = 512, n_gpu_layers: int = 0,
+                 use_mmap: bool = True, use_mlock: bool = False, memory_budget_mb: float | None = None,
+                 adapter_dirs: Sequence[str | os.PathLike] = (), progress: Progress | None = None,
+                 verbose: bool | None = None):
+        if verbose is None:
+            verbose = bool(os.environ.get("EDGEFT_VERBOSE"))
+        self.base: BaseModel = resolve_base(base, progress=progress)
+        self.info: BaseInfo = base_info(self.base.path)
+        t0 = time.perf_counter()
+        self._b = _llama.Backend(str(self.base.path), n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch,
+                                 n_gpu_layers=n_gpu_layers, use_mmap=use_mmap, use_mlock=use_mlock,
+                                 verbose=verbose)
+        self.load_ms = (time.perf_counter() - t0) * 1e3
+        self.memory_budget_mb = memory_budget_mb
+        self.adapter_dirs = list(adapter_dirs)
+        self._lock = threading.Lock()
+        self._adapters: OrderedDict[str, LoadedAdapter] = OrderedDict()
+        self._known: dict[str, AdapterBundle] = {}  # every bundle loaded once, by name (for reloads)
+        self._selected: dict[str, float] = {}   # what use() asked for
+        self._applied: tuple = ()               # ((name, scale), ...) on the context now
+        self._kv_tokens: list[int] = []         # tokens whose K/V are in memory, under _applied
+        self._kv_batched = 0                    # leading _kv_tokens decoded in multi-token batches
+        self.stats = Stats()
+
+    # -- properties -----------------------------------------------------------------------
+    @property
+    def n_ctx(self) -> int:
+        return self._b.n_ctx
+
+    @property
+    def n_threads(self) -> int:
+        return self._b.n_threads
+
+    @property
+    def adapters(self) -> dict[str, LoadedAdapter]:
+        """Resident adapters, least recently used first."""
+        return dict(self._adapters)
+
+    @property
+    def active(self) -> dict[str, float]:
+        return dict(self._selected)
+
+    def resident_mb(self) -> float:
+        return sum(a.mb for a in self._adapters.values())
+
+    # -- adapters -------------------------------------------------------------------------
+    def load_adapter(self, ref: str | os.PathLike | AdapterBundle, *, name: str | None = None,
+                     force: bool = False) -> str:
+        """Load a bundle (registered name, folder or .gguf path) and keep it resident; returns its name."""
+        with self._lock:
+            return self._load(ref, name=name, force=force)
+
+    def _load(self, ref, *, name: str | None = None, force: bool = False, keep: Sequence[str] = ()) -> str:
+        if isinstance(ref, str) and ref in self._adapters and name in (None, ref):
+            self._touch(ref)
+            return ref
+        if isinstance(ref, AdapterBundle):
+            bundle = ref
+        elif isinstance(ref, str) and ref in self._known:  # evicted earlier: reload from where it came
+            bundle = self._known[ref]
+        else:
+            bundle = find(ref, self.adapter_dirs)
+        name = name or bundle.name
+        if name in self._adapters:
+            self._touch(name)
+            return name
+        card_sha = bundle.card.base.get("sha256")
+        if card_sha and card_sha != self.base.sha256 and not force:
+            raise AdapterError(
+                f"adapter '{name}' was made for base {bundle.card.base.get('id', '?')} "
+                f"(sha256 {card_sha[:12]}...), not the loaded {self.base.id} ({self.base.sha256[:12]}...)",
+                "load the base it belongs to, or pass --force to load it anyway")
+        info = inspect_adapter(bundle.gguf_path, self.info)
+        self._make_room(info.nbytes / 1e6, keep=set(keep) | set(self._selected) | {n for n, _ in self._applied})
+        t0 = time.perf_counter()
+        handle = self._b.adapter_load(str(bundle.gguf_path))
+        la = LoadedAdapter(name, bundle, info, handle, (time.perf_counter() - t0) * 1e3, time.monotonic())
+        self._adapters[name] = la
+        self._known[name] = bundle
+        return name
+
+    def _make_room(self, need_mb: float, keep: set[str]) -> None:
+        budget = self.memory_budget_mb
+        if budget is None:
+            return
+        if need_mb > budget:
+            raise AdapterError(f"adapter needs {need_mb:.1f} MB, the memory budget is {budget:.1f} MB",
+                               "raise --memory-budget")
+        for victim in list(self._adapters):  # least recently used first
+            if self.resident_mb() + need_mb <= budget:
+                return
+            if victim in keep:
+                continue
+            self._unload(victim)
+            self.stats.evictions += 1
+            log.info("evicted adapter %s to stay within %.1f MB", victim, budget)
+        if self.resident_mb() + need_mb > budget:
+            raise AdapterError(f"the adapters in use already take {self.resident_mb():.1f} of {budget:.1f} MB",
+                               "raise --memory-budget or use fewer adapters at once")
+
+    def _touch(self, name: str) -> None:
+        self._adapters.move_to_end(name)
+        self._adapters[name].last_used = time.monotonic()
+
+    def unload_adapter(self, name: str) -> None:
+        with self._lock:
+            if name not in self._adapters:
+                raise AdapterError(f"adapter '{name}' is not loaded")
+            self._selected.pop(name, None)
+            self._unload(name)
+
+    def _unload(self, name: str) -> None:
+        if any(n == name for n, _ in self._applied):
+            self._b.set_adapters([], [])
+            self._applied = ()
+            self._invalidate_kv()
+        la = self._adapters.pop(name)
+        self._b.adapter_free(la.handle)
+
+    def use(self, spec: AdapterSpec) -> dict[str, float]:
+        """Select the adapter set for later calls: None, "ner", "ner=0.5,style", {"ner": 1, "style": 0.5}.
+
+        Adapters not yet resident are loaded. The context itself is switched lazily, at the next
+        generation, so selecting costs nothing until it is used.
+        """
+        with self._lock:
+            self._selected = self._resolve(spec)
+            return dict(self._selected)
+
+    def _resolve(self, spec: AdapterSpec) -> dict[str, float]:
+        wanted = parse_adapter_spec(spec)
+        out: dict[str, float] = {}
+        for ref, scale in wanted.items():
+            name = self._load(ref, keep=list(out))
+            out[name] = scale
+        return out
+
+    def _apply(self, selection: dict[str, float]) -> None:
+        target = tuple(sorted(selection.items()))
+        for name in selection:
+            self._touch(name)
+        if target == self._applied:
+            return
+        t0 = time.perf_counter()
+        self._b.set_adapters([self._adapters[n].handle for n, _ in target], [s for _, s in target])
+        self._applied = target
+        self._invalidate_kv()
+        dt = (time.perf_counter() - t0) * 1e3
+        self.stats.swaps += 1
+        self.stats.last_swap_ms = dt
+        self.stats.swap_ms.append(dt)
+        del self.stats.swap_ms[:-1000]
+
+    def _invalidate_kv(self) -> None:
+        self._b.memory_clear()
+        self._kv_tokens = []
+        self._kv_batched = 0
+
+    def reset(self) -> None:
+        """Forget the KV cache (a new conversation)."""
+        with self._lock:
+            self._invalidate_kv()
+
+    # -- generation -----------------------------------------------------------------------
+    def tokenize(self, text: str, *, special: bool = True) -> list[int]:
+        with self._lock:
+            return self._b.tokenize(text, add_special=True, parse_special=special)
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        if not messages:
+            raise InputError("no messages", "send at least one message")
+        for m in messages:
+            if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise InputError("each message needs a string 'role' and a string 'content'")
+        with self._lock:
+            return self._b.apply_chat_template(list(messages))
+
+    def chat(self, messages: list[dict], *, adapter: AdapterSpec = _UNSET, stream: bool = False, **gen) -> Any:
+        """Answer a conversation with the base's chat template. stream=True yields text pieces."""
+        return self.complete(self.chat_prompt(messages), adapter=adapter, stream=stream, **gen)
+
+    def complete(self, prompt: str, *, adapter: AdapterSpec = _UNSET, stream: bool = False,
+                 max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                 min_p: float = 0.0, seed: int | None = None, stop: Sequence[str] = (),
+                 grammar: str | None = None) -> Any:
+        """Continue a raw prompt. Returns a Generation, or an iterator of text pieces if stream=True."""
+        if not isinstance(prompt, str) or not prompt:
+            raise InputError("empty prompt", "give some text")
+        sampling = _llama.Sampling(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
+                                   min_p=float(min_p), seed=seed, grammar=grammar)
+        sink: list[Generation] = []
+        it = self._generate(prompt, adapter, sampling, int(max_tokens), list(stop or []), sink)
+        if stream:
+            return it
+        for _ in it:
+            pass
+        return sink[0]
+
+    def run(self, text: str, *, adapter: AdapterSpec = _UNSET, stream: bool = False, shots: int = 0,
+            system: str | None | bool = True, **gen) -> Any:
+        """One task answer: the active adapter's task card decides prompt, constraint and defaults."""
+        if not isinstance(text, str) or not text.strip():
+            raise InputError("empty input", "give some text to work on")
+        gen = {k: v for k, v in gen.items() if v is not None}
+        task = self.task_for(adapter)
+        if task is None:
+            return self.chat([{"role": "user", "content": text}], adapter=adapter, stream=stream, **gen)
+        opts = {"max_tokens": task.max_tokens, "temperature": task.temperature, "stop": task.stop,
+                "grammar": task.output.grammar()}
+        opts.update(gen)
+        res = self.chat(task.messages(text, system=system, shots=shots), adapter=adapter, stream=stream, **opts)
+        if stream:
+            return res
+        try:
+            res.value = task.output.parse(res.text)
+        except InputError:
+            res.value = None
+        return res
+
+    def logits(self, tokens: Sequence[int], *, adapter: AdapterSpec = _UNSET) -> "np.ndarray":
+        """Next-token logits after every position of `tokens` (n_tokens x n_vocab), from an
+        empty KV cache, under the selected (or given) adapter set. For parity checks and scoring."""
+        with self._lock:
+            selection = self._selected if adapter is _UNSET else self._resolve(adapter)
+            if not tokens or len(tokens) > self.n_ctx:
+                raise InputError(f"logits need 1..{self.n_ctx} tokens, got {len(tokens)}")
+            self._apply(selection)
+            try:
+                return self._b.logits_for(list(tokens))
+            finally:
+                self._invalidate_kv()
+
+    def task_for(self, adapter: AdapterSpec = _UNSET) -> TaskSpec | None:
+        """The task card of the single adapter in effect (the call's, else the selected one)."""
+        with self._lock:
+            sel = self._selected if adapter is _UNSET else self._resolve(adapter)
+            if len(sel) != 1:
+                return None
+            return self._adapters[next(iter(sel))].task
+
+    def _generate(self, prompt: str, adapter: AdapterSpec, sampling: _llama.Sampling,
+                  max_tokens: int, stop: list[str], sink: list) -> Iterator[str]:
+        self._lock.acquire()
+        try:
+            selection = self._selected if adapter is _UNSET else self._resolve(adapter)
+            tokens = self._b.tokenize(prompt, add_special=True, parse_special=True)
+            if len(tokens) >= self.n_ctx:
+                raise InputError(f"the prompt has {len(tokens)} tokens; the context holds {self.n_ctx}",
+                                 "shorten the input or raise --ctx")
+            max_tokens = max(0, min(max_tokens, self.n_ctx - len(tokens)))
+            self._apply(selection)
+            sampler = _llama.Sampler(self._b.vocab, sampling)
+            try:
+                yield from self._loop(tokens, sampler, max_tokens, stop, dict(selection), sink)
+            finally:
+                sampler.close()
+        finally:
+            self._lock.release()
+
+    def _loop(self, tokens: list[int], sampler, max_tokens: int, stop: list[str],
+              selection: dict[str, float], sink: list) -> Iterator[str]:
+        b = self._b
+        t0 = time.perf_counter()
+        common = 0
+        for x, y in zip(self._kv_tokens, tokens):
+            if x != y:
+                break
+            common += 1
+        # Reuse only K/V that a fresh decode would compute bit for bit: llama.cpp's batch-of-1
+        # kernels round differently from its batched ones, so (a) generated tokens, decoded one
+        # at a time, are never reused, and (b) the new suffix is never a single token.
+        common = max(0, min(common, self._kv_batched, len(tokens) - 2))
+        if common < len(self._kv_tokens) and not b.memory_truncate(common):
+            b.memory_clear()
+            common = 0
+        self._kv_tokens = tokens[:common]
+        self._kv_batched = common
+        try:
+            b.decode(tokens[common:])
+        except BaseException:
+            self._invalidate_kv()
+            raise
+        self._kv_tokens = list(tokens)
+        self._kv_batched = len(tokens) if len(tokens) - common > 1 else common
+        gen = Generation("", "length", len(tokens), 0, 0.0, 0.0, selection, reused_prefix=common)
+        self.stats.last = gen
+        sink.append(gen)
+        utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        text = ""          # everything generated so far
+        emitted = 0        # chars of `text` already yielded
+        hold = max((len(s) for s in stop), default=0)
+        t_first = None
+        n = 0
+        try:
+            while n < max_tokens:
+                tok = b.sample(sampler)
+                if t_first is None:
+                    t_first = time.perf_counter()
+                    gen.ttft_ms = (t_first - t0) * 1e3
+                if b.is_eog(tok):
+                    gen.finish_reason = "stop"
+                    break
+                n += 1
+                text += utf8.decode(b.piece(tok))
+                if stop:
+                    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+                    if cut >= 0:
+                        text = text[:cut]
+                        gen.finish_reason = "stop"
+                        break
+                safe = len(text) - (hold - 1 if stop else 0)
+                if safe > emitted:
+                    yield text[emitted:safe]
+                    emitted = safe
+                if n >= max_tokens:
+                    break
+                self._kv_tokens.append(tok)
+                try:
+                    b.decode_one(tok)
+                except BaseException:
+                    self._invalidate_kv()
+                    raise
+            text += utf8.decode(b"", final=True)
+            if len(text) > emitted:
+                yield text[emitted:]
+        finally:
+            gen.completion_tokens = n
+            gen.text = text
+            if t_first is not None and n > 1:
+                gen.decode_tps = (n - 1) / max(time.perf_counter() - t_first, 1e-9)
+
+    # -- lifetime -------------------------------------------------------------------------
+    def close(self) -> None:
+        with self._lock:
+            b = getattr(self, "_b", None)
+            if b is None:
+                return
+            if self._applied:
+                b.set_adapters([], [])
+                self._applied = ()
+            for name in list(self._adapters):
+                b.adapter_free(self._adapters.pop(name).handle)
+            b.close()
+            self._b = None
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            if getattr(self, "_b", None) is not None and not self._lock.locked():
+                self.close()
+        except Exception:
+            pass

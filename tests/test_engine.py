@@ -1,0 +1,219 @@
+"""Engine on the real SmolLM2 base with random (B != 0) adapters: swapping, KV correctness,
+mixing, LRU budget, thread safety, streaming."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from edgeft import Engine
+from edgeft.errors import AdapterError, InputError
+from helpers import write_adapter, write_bundle
+
+PROMPTS = [  # share a long prefix, so stale K/V would be reused if the engine let it
+    "Write one sentence about the sea.",
+    "Write one sentence about the mountains.",
+    "Write one sentence about the city.",
+]
+N = 20
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory, base_path):
+    d = tmp_path_factory.mktemp("adapters")
+    return {
+        "a": write_adapter(d / "a.gguf", base_path, seed=1, b_std=0.05),
+        "b": write_adapter(d / "b.gguf", base_path, seed=2, b_std=0.05, rank=4),
+        "c": write_adapter(d / "c.gguf", base_path, seed=3, b_std=0.05, targets=("attn_q", "attn_v")),
+    }
+
+
+SELECTED = object()
+
+
+def _greedy(eng: Engine, adapter, prompt: str) -> str:
+    """Greedy answer; adapter=SELECTED uses the engine's selected set, None forces the base."""
+    msgs = [{"role": "user", "content": prompt}]
+    kw = {} if adapter is SELECTED else {"adapter": adapter}
+    return eng.chat(msgs, max_tokens=N, **kw).text
+
+
+def test_adapters_change_output_and_none_restores_base(engine, adapters):
+    engine.use(None)
+    base = [_greedy(engine, None, p) for p in PROMPTS]
+    a = [_greedy(engine, str(adapters["a"]), p) for p in PROMPTS]
+    b = [_greedy(engine, str(adapters["b"]), p) for p in PROMPTS]
+    assert a != base and b != base and a != b, "test adapters must change the output, else nothing is tested"
+    assert [_greedy(engine, None, p) for p in PROMPTS] == base
+
+
+def test_kv_invalidated_on_swap_matches_fresh_engines(base_path, adapters):
+    """A, then B, then A again on shared-prefix prompts == a fresh engine with only A (and B)."""
+    fresh = {}
+    for k in ("a", "b"):
+        with Engine(str(base_path), n_ctx=1024, n_threads=2) as e:
+            e.use(str(adapters[k]))
+            fresh[k] = [_greedy(e, SELECTED, p) for p in PROMPTS]
+    assert fresh["a"] != fresh["b"]
+    with Engine(str(base_path), n_ctx=1024, n_threads=2) as e:
+        e.load_adapter(adapters["a"], name="A")
+        e.load_adapter(adapters["b"], name="B")
+        got = {"a": [], "b": []}
+        for p in PROMPTS:  # interleave per prompt: A, B, A
+            got["a"].append(_greedy(e, "A", p))
+            got["b"].append(_greedy(e, "B", p))
+            assert _greedy(e, "A", p) == got["a"][-1]
+        assert got == fresh
+        # the prefix is reused when the adapter set does not change, and never across a swap
+        e.use("A")
+        e.chat([{"role": "user", "content": PROMPTS[0]}], max_tokens=2)
+        r = e.chat([{"role": "user", "content": PROMPTS[1]}], max_tokens=2)
+        assert r.reused_prefix > 10
+        e.use("B")
+        r = e.chat([{"role": "user", "content": PROMPTS[1]}], max_tokens=2)
+        assert r.reused_prefix == 0
+
+
+def test_logits_follow_adapter_set(engine, adapters):
+    toks = engine.tokenize("The quick brown fox")
+    base = engine.logits(toks, adapter=None)
+    a = engine.logits(toks, adapter=str(adapters["a"]))
+    assert np.abs(a - base).max() > 0.5
+    np.testing.assert_array_equal(engine.logits(toks, adapter=None), base)
+
+
+def test_mix_with_scales(engine, adapters):
+    toks = engine.tokenize("Mixing adapters works like this:")
+    a, c = str(adapters["a"]), str(adapters["c"])
+    base = engine.logits(toks, adapter=None)
+    only_a = engine.logits(toks, adapter={a: 1.0})
+    zero = engine.logits(toks, adapter={a: 0.0})
+    np.testing.assert_allclose(zero, base, atol=1e-4)  # scale 0 is the base
+    mix = engine.logits(toks, adapter={a: 1.0, c: 0.5})
+    assert np.abs(mix - only_a).max() > 0.1
+    half = engine.logits(toks, adapter={a: 0.5})
+    assert 0 < np.abs(half - base).mean() < np.abs(only_a - base).mean()
+    # selection via use() and the string form
+    assert engine.use(f"{a}=1,{c}=0.5") == {"a": 1.0, "c": 0.5}
+    np.testing.assert_allclose(engine.logits(toks), mix, atol=1e-5)
+    engine.use(None)
+
+
+def test_swap_cost_is_small_and_counted(engine, adapters):
+    engine.load_adapter(adapters["a"])
+    engine.load_adapter(adapters["b"])
+    before = engine.stats.swaps
+    for i in range(10):
+        engine.chat([{"role": "user", "content": "hi"}], adapter="a" if i % 2 else "b", max_tokens=1)
+    assert engine.stats.swaps - before == 10
+    assert all(ms >= 0 for ms in engine.stats.swap_ms)
+
+
+def test_lru_budget_evicts_least_recently_used(base_path, tmp_path):
+    paths = [write_adapter(tmp_path / f"r{i}.gguf", base_path, seed=i, rank=4) for i in range(3)]
+    with Engine(str(base_path), n_ctx=512, n_threads=2) as probe:
+        name = probe.load_adapter(paths[0])
+        one_mb = probe.adapters[name].mb
+    with Engine(str(base_path), n_ctx=512, n_threads=2, memory_budget_mb=one_mb * 2.5) as e:
+        e.load_adapter(paths[0])
+        e.load_adapter(paths[1])
+        e.use("r0")                       # r0 is now the most recently used
+        e.load_adapter(paths[2])          # over budget: r1 (LRU, not active) goes
+        assert set(e.adapters) == {"r0", "r2"} and e.stats.evictions == 1
+        assert e.resident_mb() <= one_mb * 2.5
+        e.use("r1")                       # loading it again evicts r0? no: r0 is no longer selected
+        assert "r1" in e.adapters and len(e.adapters) == 2 and e.stats.evictions == 2
+    with Engine(str(base_path), n_ctx=512, n_threads=2, memory_budget_mb=one_mb * 0.5) as e:
+        with pytest.raises(AdapterError, match="budget"):
+            e.load_adapter(paths[0])
+
+
+def test_threads_serialized_and_exact(engine, adapters):
+    refs = [None, str(adapters["a"]), str(adapters["b"]), str(adapters["c"])]
+    jobs = [(refs[i % 4], PROMPTS[i % 3]) for i in range(16)]
+    expected = [_greedy(engine, r, p) for r, p in jobs]
+    got: list = [None] * len(jobs)
+    errors = []
+
+    def worker(k: int) -> None:
+        try:
+            for i in range(k, len(jobs), 4):
+                got[i] = _greedy(engine, *jobs[i])
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert got == expected
+    assert len(set(expected)) > 3
+
+
+def test_swap_waits_for_running_stream(engine, adapters):
+    engine.use(str(adapters["a"]))
+    ref = engine.chat([{"role": "user", "content": PROMPTS[0]}], max_tokens=N).text
+    stream = engine.chat([{"role": "user", "content": PROMPTS[0]}], max_tokens=N, stream=True)
+    first = next(stream)
+    done = threading.Event()
+
+    def swapper():
+        engine.use(str(adapters["b"]))  # must block until the stream finishes
+        done.set()
+
+    t = threading.Thread(target=swapper)
+    t.start()
+    assert not done.wait(0.3)
+    text = first + "".join(stream)
+    t.join(5)
+    assert done.is_set()
+    assert text == ref
+    engine.use(None)
+
+
+def test_stream_equals_blocking_and_stop_strings(engine):
+    msgs = [{"role": "user", "content": "Count from one to ten in words, separated by commas."}]
+    full = engine.chat(msgs, max_tokens=40).text
+    assert "".join(engine.chat(msgs, max_tokens=40, stream=True)) == full
+    word = full.split()[len(full.split()) // 2]
+    assert len(full.split()) > 6
+    cut = engine.chat(msgs, max_tokens=40, stop=[word])
+    assert cut.text == full[: full.index(word)] and cut.finish_reason == "stop"
+    streamed = "".join(engine.chat(msgs, max_tokens=40, stop=[word], stream=True))
+    assert streamed == cut.text
+
+
+def test_bad_requests(engine):
+    with pytest.raises(InputError):
+        engine.chat([])
+    with pytest.raises(InputError):
+        engine.chat([{"role": "user"}])
+    with pytest.raises(InputError):
+        engine.run("   ")
+    with pytest.raises(InputError, match="context"):
+        engine.complete("word " * 2000)
+    with pytest.raises(AdapterError, match="unknown adapter"):
+        engine.use("no-such-adapter")
+
+
+def test_task_card_labels_constrain_output(engine, base_path, tmp_path):
+    labels = ["negative", "neutral", "positive"]
+    task = {"system": "Classify the sentiment.", "template": "Text: {input}",
+            "output": {"type": "labels", "labels": labels}, "generation": {"max_tokens": 5}}
+    folder = write_bundle(tmp_path / "senti", base_path, name="senti", task=task, seed=5)
+    engine.load_adapter(folder)
+    for text in ("I love it", "The market fell sharply", "Meeting at 3pm"):
+        res = engine.run(text, adapter="senti")
+        assert res.text in labels and res.value == res.text
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}}, "required": ["name"]}
+    folder2 = write_bundle(tmp_path / "js", base_path, name="js", seed=6,
+                           task={"template": "{input}", "output": {"type": "json_schema", "schema": schema},
+                                 "generation": {"max_tokens": 40}})
+    engine.load_adapter(folder2)
+    res = engine.run("Give me a JSON object with a name.", adapter="js")
+    assert isinstance(res.value, dict) and isinstance(res.value["name"], str)
+    engine.use(None)
