@@ -357,7 +357,7 @@ class Engine:
                                  "shorten the input or raise --ctx")
             max_tokens = max(0, min(max_tokens, self.n_ctx - len(tokens)))
             self._apply(selection)
-            sampler = _llama.Sampler(self._b.vocab, sampling)
+            sampler = self._b.sampler(sampling)
             try:
                 yield from self._loop(tokens, sampler, max_tokens, stop, dict(selection), sink)
             finally:

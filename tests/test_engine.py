@@ -217,3 +217,45 @@ def test_task_card_labels_constrain_output(engine, base_path, tmp_path):
     res = engine.run("Give me a JSON object with a name.", adapter="js")
     assert isinstance(res.value, dict) and isinstance(res.value["name"], str)
     engine.use(None)
+
+
+def test_grammar_checked_sampling_equals_grammar_first(engine, adapters):
+    """The fast path (check only the picked token) must give what masking every step gives."""
+    import llama_cpp
+
+    from edgeft import _llama
+
+    schema = {"type": "array", "items": {"type": "object", "properties": {
+        "text": {"type": "string", "maxLength": 20}, "type": {"enum": ["PER", "ORG", "LOC", "MISC"]}},
+        "required": ["text", "type"]}, "maxItems": 3}
+    gbnf = _llama.json_schema_to_gbnf(schema)
+    b = engine._b
+
+    def grammar_first(prompt: str, n: int) -> str:
+        params = llama_cpp.llama_sampler_chain_default_params()
+        chain = llama_cpp.llama_sampler_chain_init(params)
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_grammar(b.vocab, gbnf.encode(), b"root"))
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+        b.memory_clear()
+        b.decode(b.tokenize(prompt))
+        out = []
+        for _ in range(n):
+            tok = llama_cpp.llama_sampler_sample(chain, b.ctx, -1)
+            if b.is_eog(tok):
+                break
+            out.append(tok)
+            b.decode_one(tok)
+        llama_cpp.llama_sampler_free(chain)
+        b.memory_clear()
+        return b.detokenize(out)
+
+    texts = ["Angela Merkel met Tim Cook in Paris.", "The Nile flows through Egypt and Sudan."]
+    for ad in (None, str(adapters["a"])):
+        for t in texts:
+            prompt = engine.chat_prompt([{"role": "user", "content": f"List the named entities as JSON: {t}"}])
+            with engine._lock:
+                engine._apply(engine._resolve(ad))
+                engine._invalidate_kv()
+                ref = grammar_first(prompt, 40)
+            got = engine.complete(prompt, adapter=ad, grammar=gbnf, max_tokens=40).text
+            assert got == ref
