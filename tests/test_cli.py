@@ -164,3 +164,34 @@ def test_chat_session_with_slash_commands(base_path, tmp_path):
     assert "adapters: none" in r.stdout
     assert "unknown command /bogus" in r.stdout
     assert "unknown adapter 'no-such'" in r.stderr
+
+
+def test_chat_ctrl_c_stops_answer_not_session(base_path):
+    import signal
+    import time
+
+    p = subprocess.Popen([*EDGEFT, "chat", "--max-tokens", "2000"], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+    try:
+        p.stdin.write(b"Write a very long story about a dragon and a knight.\n")
+        p.stdin.flush()
+        os.set_blocking(p.stdout.fileno(), False)
+        seen, deadline = "", time.monotonic() + 90
+        while len(seen) < 80 and time.monotonic() < deadline:  # wait until the answer streams
+            chunk = p.stdout.read()
+            seen += (chunk or b"").decode("utf-8", "replace")
+            time.sleep(0.05)
+        assert len(seen) >= 80, seen
+        p.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        p.stdin.write(b"/stats\n/exit\n")
+        p.stdin.flush()
+        os.set_blocking(p.stdout.fileno(), True)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    out = seen + out.decode("utf-8", "replace")
+    assert p.returncode == 0, err
+    assert "[stopped]" in out
+    assert "swaps" in out  # the session went on and answered /stats
