@@ -168,8 +168,16 @@ class Engine:
             bundle = self._known[ref]
         else:
             bundle = find(ref, self.adapter_dirs)
-        name = name or bundle.name
+        if name is None:
+            name = bundle.name
+            # two different files with the same name (e.g. a/adapter.gguf, b/adapter.gguf) get distinct names
+            k = 2
+            while name in self._known and self._known[name].gguf_path.resolve() != bundle.gguf_path.resolve():
+                name, k = f"{bundle.name}-{k}", k + 1
         if name in self._adapters:
+            if self._adapters[name].bundle.gguf_path.resolve() != bundle.gguf_path.resolve():
+                raise AdapterError(f"an adapter named '{name}' is already loaded from another file",
+                                   "unload it first, or load this one under another name")
             self._touch(name)
             return name
         card_sha = bundle.card.base.get("sha256")

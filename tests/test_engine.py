@@ -259,3 +259,14 @@ def test_grammar_checked_sampling_equals_grammar_first(engine, adapters):
                 ref = grammar_first(prompt, 40)
             got = engine.complete(prompt, adapter=ad, grammar=gbnf, max_tokens=40).text
             assert got == ref
+
+
+def test_same_file_name_from_two_folders_gets_two_names(base_path, tmp_path):
+    a = write_adapter((tmp_path / "x").mkdir() or tmp_path / "x" / "adapter.gguf", base_path, seed=1, rank=2)
+    b = write_adapter((tmp_path / "y").mkdir() or tmp_path / "y" / "adapter.gguf", base_path, seed=2, rank=2)
+    with Engine(str(base_path), n_ctx=256, n_threads=2) as e:
+        assert e.load_adapter(a) == "adapter"
+        assert e.load_adapter(b) == "adapter-2"
+        assert e.load_adapter(a) == "adapter"          # the same file again: the same adapter
+        toks = e.tokenize("Hello there")
+        assert np.abs(e.logits(toks, adapter="adapter") - e.logits(toks, adapter="adapter-2")).max() > 0.01
