@@ -95,6 +95,38 @@ class Generation:
     value: Any = None             # parsed answer for task cards (label, JSON, text)
 
 
+class Stream:
+    """Text pieces of a streamed generation; `.result` is its Generation once it has ended.
+
+    The engine stays locked while the stream is open: exhaust it or `close()` it (a `with`
+    block does) so other callers can go on.
+    """
+
+    def __init__(self, it: Iterator[str], sink: list):
+        self._it = it
+        self._sink = sink
+
+    def __iter__(self) -> "Stream":
+        return self
+
+    def __next__(self) -> str:
+        return next(self._it)
+
+    def close(self) -> None:
+        self._it.close()
+
+    @property
+    def result(self) -> "Generation | None":
+        """The Generation (text so far, counts, timings); None until the prompt has been read."""
+        return self._sink[0] if self._sink else None
+
+    def __enter__(self) -> "Stream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 @dataclass
 class Stats:
     swaps: int = 0
@@ -307,7 +339,7 @@ class Engine:
         sink: list[Generation] = []
         it = self._generate(prompt, adapter, sampling, int(max_tokens), list(stop or []), sink)
         if stream:
-            return it
+            return Stream(it, sink)
         for _ in it:
             pass
         return sink[0]

@@ -661,7 +661,7 @@ class Server:
             if cancelled or job.cancelled.is_set():
                 self.worker.count("cancelled")
                 return
-            gen = eng.stats.last   # this worker is the engine's only user: it is ours
+            gen = it.result
             if eng.stats.evictions != self._evictions:
                 self._snapshot()
             self.worker.count("served")

@@ -270,3 +270,16 @@ def test_same_file_name_from_two_folders_gets_two_names(base_path, tmp_path):
         assert e.load_adapter(a) == "adapter"          # the same file again: the same adapter
         toks = e.tokenize("Hello there")
         assert np.abs(e.logits(toks, adapter="adapter") - e.logits(toks, adapter="adapter-2")).max() > 0.01
+
+
+def test_stream_result_carries_the_generation(engine):
+    msgs = [{"role": "user", "content": "Name a color."}]
+    with engine.chat(msgs, max_tokens=6, stream=True) as s:
+        assert s.result is None
+        text = "".join(s)
+    g = s.result
+    assert g.text == text and g.completion_tokens <= 6 and g.prompt_tokens > 5
+    s2 = engine.chat(msgs, max_tokens=30, stream=True)
+    next(s2)
+    s2.close()                      # closing early frees the engine at once
+    assert engine.chat(msgs, max_tokens=6).text == text
