@@ -40,7 +40,8 @@ def hf_config(arch: str, **over):
         kw.update(tie_word_embeddings=False, head_dim=16)
         cfg = T.Qwen3Config(**kw)
     elif arch == "phi3":
-        kw.update(tie_word_embeddings=False, pad_token_id=0, original_max_position_embeddings=512)
+        kw.update(tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                  original_max_position_embeddings=512)
         cfg = T.Phi3Config(**kw)
     elif arch == "gemma":
         kw.update(head_dim=16, pad_token_id=0)
@@ -183,7 +184,8 @@ def make_peft(model, out_dir: str | os.PathLike, *, seed: int = 1, b_scale: floa
         # PEFT must compute with the weights as stored, or parity would compare different adapters
         with torch.no_grad():
             for (n, p), (_, q) in zip(pm.named_parameters(), save_model.named_parameters()):
-                p.copy_(q.float())
+                if "lora_" in n:  # the base keeps float32: only the adapter was saved in save_dtype
+                    p.copy_(q.float())
     else:
         pm.save_pretrained(str(out_dir))
     return pm
@@ -226,5 +228,74 @@ def run_reference_converter(src: Path, peft_dir: Path, hf_dir: Path, out: Path, 
 
 def save_hf_config(model, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(model.config.to_dict(), indent=1))
+    cfg = model.config.to_dict()
+    cfg["architectures"] = [type(model).__name__]
+    (folder / "config.json").write_text(json.dumps(cfg, indent=1))
     return folder
+
+
+# -- cached tiny models (built once per test session) -------------------------------------------
+
+_CACHE: dict = {}
+_ROOT: list[Path] = []
+
+
+def _root() -> Path:
+    if not _ROOT:
+        import atexit
+        import shutil
+        import tempfile
+
+        _ROOT.append(Path(tempfile.mkdtemp(prefix="edgeft-convert-tests-")))
+        atexit.register(shutil.rmtree, _ROOT[0], True)
+    return _ROOT[0]
+
+
+def tiny(arch: str = "llama", qkv: str = "as-is", **over):
+    """(HF model, F32 base GGUF path) for a tiny random model, cached per session."""
+    key = (arch, qkv, tuple(sorted(over.items())))
+    if key not in _CACHE:
+        model = hf_model(arch, **over)
+        tag = "-".join([arch, qkv] + [f"{k}{v}" for k, v in sorted(over.items())])
+        _CACHE[key] = (model, write_base_gguf(model, _root() / f"tiny-{tag}.gguf", qkv=qkv))
+    return _CACHE[key]
+
+
+def engine(base: Path, **kw):
+    from edgeft.engine import Engine
+
+    return Engine(str(base), n_ctx=kw.pop("n_ctx", 256), n_threads=kw.pop("n_threads", 2), **kw)
+
+
+TOKENS = [1] + [3 + (i * 37) % 250 for i in range(47)]  # BOS + 47 byte tokens
+
+
+# -- llama.cpp pieces edgeft/_llama.py does not expose yet (see the converter's report) ----------
+
+def install_quantize_model() -> None:
+    """Give edgeft._llama a `quantize_model` (llama_model_quantize) if the runtime lacks one.
+
+    Reaches llama_cpp only through the module edgeft._llama already imported.
+    """
+    import ctypes
+
+    from edgeft import _llama
+
+    if hasattr(_llama, "quantize_model"):
+        return
+    lc = _llama.llama_cpp
+
+    def quantize_model(src: str, dst: str, ftype: int, *, nthread: int = 0, allow_requantize: bool = True,
+                       pure: bool = False) -> None:
+        params = lc.llama_model_quantize_default_params()
+        params.ftype = int(ftype)
+        params.nthread = int(nthread)
+        params.allow_requantize = bool(allow_requantize)
+        params.pure = bool(pure)
+        rc = lc.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+        if rc != 0:
+            from edgeft.errors import ModelError
+
+            raise ModelError(f"llama.cpp could not quantize {src} (code {rc})", "run with EDGEFT_VERBOSE=1")
+
+    _llama.quantize_model = quantize_model

@@ -1,0 +1,134 @@
+"""`edgeft bench`: load, swap, TTFT, decode and memory measurements (see docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .common import AdapterDir, Base, GpuLayers, Threads
+
+
+def _fmt(v, unit: str = "", nd: int = 1) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        s = f"{v:.{nd}f}" if abs(v) >= 0.1 or v == 0 else f"{v:.3g}"
+    else:
+        s = str(v)
+    return f"{s} {unit}".strip()
+
+
+def _table(res: dict):
+    from rich.table import Table
+
+    t = Table(title=f"edgeft bench: {res['base']['id']} ({res['profile']['name']}, "
+                    f"{res['machine']['threads_used']} threads, ctx {res['profile']['n_ctx']})")
+    t.add_column("measurement")
+    t.add_column("value", justify="right")
+    t.add_column("detail")
+    d = res["decode_tps"]
+    sw, pen, rl = res["swap_ms"], res["swap_ttft_penalty_ms"], res["reload_ms"]
+    rows = [
+        ("base load (page cache warm)", _fmt(res["load_ms"]["base"], "ms"), ""),
+        ("adapter load p50", _fmt(res["load_ms"]["adapter"]["p50"], "ms", 2),
+         f"with validation {_fmt(res['load_ms']['adapter_with_validation']['p50'], 'ms')}"),
+        ("swap (set + KV invalidation)", _fmt(sw["p50"], "ms", 3),
+         f"p90 {_fmt(sw['p90'], 'ms', 3)}, p99 {_fmt(sw['p99'], 'ms', 3)}"),
+        ("next-request TTFT penalty p50", _fmt(pen["p50"], "ms", 2),
+         f"p90 {_fmt(pen['p90'], 'ms', 2)}; CPU time {_fmt(pen['detail']['penalty_cpu_ms']['p50'], 'ms', 2)}"),
+        ("reload per switch (lora_path)", _fmt(rl["p50"], "ms"), f"mmap: {_fmt(rl['mmap']['p50'], 'ms')}"),
+        ("reload / swap", _fmt(res["switch_ratio"]["reload_over_swap"], "x", 0),
+         f"effective {_fmt(res['switch_ratio']['effective'], 'x')}"),
+        ("TTFT base / adapter", f"{_fmt(res['ttft_ms']['base'], 'ms')} / {_fmt(res['ttft_ms']['adapter'], 'ms')}",
+         f"{res['ttft_ms']['prompt_tokens']}-token task prompt, cleared KV"),
+        ("prefill base / adapter", f"{_fmt(res['prefill_tps']['base'])} / {_fmt(res['prefill_tps']['adapter'])} tok/s",
+         f"{res['prefill_tps']['prompt_tokens']}-token prompt"),
+        ("decode: none / 1 / 2 mixed / merged",
+         " / ".join(_fmt(d.get(m)) for m in ("base", "adapter", "two_adapters", "merged")) + " tok/s",
+         "1 adapter / none: " + _fmt(res["decode_ratio"]["adapter"], "x", 2)
+         + " (best rounds " + _fmt(res["decode_ratio_best"]["adapter"], "x", 2)
+         + ", CPU time " + _fmt(res["decode_ratio_cpu"]["adapter"], "x", 2) + ")"),
+        ("llama.cpp decode alone (no sampling)",
+         " / ".join(_fmt((res["decode_raw"].get(m) or {}).get("wall_tps")) for m in ("base", "adapter", "two_adapters", "merged")) + " tok/s",
+         "none / 1 / 2 mixed / merged"),
+        ("decode bandwidth bound", _fmt(res["decode_bound_tps"], "tok/s"),
+         f"{_fmt(res['bandwidth_gbs'], 'GB/s')} copy bandwidth; edgeft at "
+         f"{_fmt(res['decode_bound']['fraction']['base'], '', 2)} of it"),
+    ]
+    lb = res.get("llama_bench")
+    if lb:
+        rows.append(("llama-bench tg / pp", f"{_fmt(lb['tg_tps'])} / {_fmt(lb['pp_tps'])} tok/s",
+                     f"edgeft decode = {_fmt(lb['edgeft_over_llama_bench'], 'x', 2)}"))
+    rss = res["rss_mb"]
+    rows.append(("RSS base", _fmt(rss["base"], "MB"), f"process before load {_fmt(rss['process'], 'MB')}"))
+    merged = {p["n"]: p for p in rss.get("merged_models") or []}
+    for p in rss["with_adapters"]:
+        m = merged.get(p["n"])
+        alt = f"{_fmt(m['mb'], 'MB')}{' (est.)' if m['estimated'] else ''}" if m else "-"
+        rows.append((f"RSS base + {p['n']} adapters", _fmt(p["mb"], "MB"),
+                     f"+{_fmt(p['added_mb'], 'MB')} = {_fmt(p['added_over_file'], 'x', 2)} files; {p['n']} merged models: {alt}"))
+    ev = res.get("evictions")
+    if ev:
+        rows.append(("LRU evictions (budget)", str(ev["evictions"]),
+                     f"budget {_fmt(ev['budget_mb'], 'MB')}; each costs a reload of {_fmt(ev['cost_ms']['p50'], 'ms')} "
+                     f"(llama.cpp load {_fmt(ev['reload_ms']['p50'], 'ms', 2)}) when used again"))
+    for r in rows:
+        t.add_row(*r)
+    return t
+
+
+def _targets_table(res: dict):
+    from rich.table import Table
+
+    t = Table(title="targets")
+    for c in ("target", "measured", "limit", "met"):
+        t.add_column(c)
+    for row in res["targets"]:
+        met = {True: "[green]yes[/]", False: "[red]no[/]", None: "not measured"}[row["met"]]
+        t.add_row(row["target"], _fmt(row["value"], row["unit"], 3), f"{row['op']} {row['limit']} {row['unit']}", met)
+    return t
+
+
+def bench(
+    base: Base = None,
+    adapters: Annotated[Optional[str], typer.Option("--adapters", help="Comma-separated adapters to measure (names, bundle folders or .gguf). Default: two random rank-8 all-linear f32 adapters.")] = None,
+    profile: Annotated[str, typer.Option("--profile", help="laptop (all cores, ctx 2048, batch 512), phone (2 threads, ctx 1024, batch 128, adapter budget forcing LRU evictions), or a NAME for a custom run with laptop defaults.")] = "laptop",
+    threads: Threads = None,
+    ctx: Annotated[Optional[int], typer.Option("--ctx", help="Context size (default: the profile's).")] = None,
+    gpu_layers: GpuLayers = 0,
+    repeats: Annotated[Optional[int], typer.Option("--repeats", help="Repetitions of each slow measurement (default 5, --quick 2).")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="Fewer repeats, no dtype sweep: under a minute on 2 cores.")] = False,
+    sweep: Annotated[Optional[bool], typer.Option("--sweep/--no-sweep", help="Decode cost per adapter dtype x target set (default: on unless --quick).")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the full result as JSON to PATH.")] = None,
+    plot_out: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG chart to PATH (needs matplotlib: pip install 'edgeft[bench]').")] = None,
+    llama_bench: Annotated[Optional[Path], typer.Option("--llama-bench", help="Path to llama.cpp's llama-bench binary: run it on the same model and threads.")] = None,
+    adapter_dir: AdapterDir = None,
+) -> None:
+    """Measure load, hot-swap, TTFT, decode and memory against reload-per-switch and merged models."""
+    from rich.console import Console
+
+    from ..bench import plot, run_bench
+
+    err = Console(stderr=True)
+    refs = [a.strip() for a in (adapters or "").split(",") if a.strip()]
+    with err.status("edgeft bench: starting") as status:
+        res = run_bench(base, refs or None, profile=profile, threads=threads, ctx=ctx, gpu_layers=gpu_layers,
+                        repeats=repeats, quick=quick, sweep=sweep, llama_bench=llama_bench,
+                        adapter_dirs=adapter_dir or [], progress=lambda m: status.update(f"edgeft bench: {m}"))
+    out = Console()
+    out.print(_table(res))
+    out.print(_targets_table(res))
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
+        err.print(f"wrote {json_out}")
+    if plot_out:
+        plot(res, plot_out)
+        err.print(f"wrote {plot_out}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("bench")(bench)
