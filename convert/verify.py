@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -66,6 +68,8 @@ TEXT_PROMPTS = [
 MAX_TOKENS_PER_PROMPT = 256
 # "at most 1 point below the floor": the acceptance rule for a conversion
 TOP1_MARGIN = 0.01
+EXACT_KL = 1e-4                 # allowed mean KL on the dequantized base, beyond 10x its floor
+EXACT_MAX_BYTES = 4 << 30       # largest f16 copy of a base made for the exact check
 
 
 def engine_logits(eng, tokens: Sequence[int]) -> np.ndarray:
@@ -144,10 +148,40 @@ def hf_logits(model, tokens: list[list[int]]) -> list[np.ndarray]:
     return out
 
 
+def _cpp_logits(base_path, bundle, toks_or_prompts, n_threads: int, prompts=None):
+    """(token ids, logits without adapter, logits with the bundle) from llama.cpp."""
+    from edgeft.engine import Engine
+
+    with Engine(str(base_path), n_ctx=1024, n_threads=n_threads) as eng:
+        toks = toks_or_prompts if toks_or_prompts is not None else prompt_tokens(eng, prompts)
+        eng.use(None)
+        plain = [engine_logits(eng, t) for t in toks]
+        eng.use(eng.load_adapter(str(bundle), force=True))
+        lora = [engine_logits(eng, t) for t in toks]
+    return toks, plain, lora
+
+
+def _is_quantized(base_path) -> tuple[bool, int]:
+    """Whether the base has quantized tensors, and the size of an f16 copy of it."""
+    from .gguf_header import read_header
+
+    h = read_header(base_path)
+    floats = {"F32", "F16", "BF16"}
+    quantized = any(t.type.name not in floats for t in h.tensors.values() if len(t.shape) >= 2)
+    f16_bytes = sum(t.n_elements * (2 if len(t.shape) >= 2 else 4) for t in h.tensors.values())
+    return quantized, f16_bytes
+
+
 def parity_report(peft_dir: str | os.PathLike, base_path: str | os.PathLike, bundle: str | os.PathLike, *,
                   prompts: Sequence[str] | None = None, n_threads: int | None = None, hf_model=None,
-                  status: Callable[[str], None] | None = None) -> dict:
+                  exact: bool | None = None, status: Callable[[str], None] | None = None) -> dict:
     """Compare PEFT (transformers) and llama.cpp (base + converted bundle) on the prompt set.
+
+    On a quantized base, llama.cpp's quantized arithmetic adds noise of its own, and with an
+    adapter attached that noise flips more near-ties; so the conversion is also checked on an f16
+    copy of the dequantized base (`exact`; by default when the copy stays under EXACT_MAX_BYTES),
+    where PEFT and llama.cpp must agree to rounding. `ok` is decided there when it ran, else by
+    the quantized base's agreement against its no-adapter floor.
 
     `hf_model`: an already loaded transformers base model (tests pass a tiny one); by default
     the base GGUF is loaded through transformers.
@@ -155,18 +189,23 @@ def parity_report(peft_dir: str | os.PathLike, base_path: str | os.PathLike, bun
     import torch  # noqa: F401  (fail early with ImportError if the extra is missing)
     from peft import PeftModel
 
-    from edgeft.engine import Engine
-
     say = status or (lambda m: log.info("%s", m))
     t0 = time.perf_counter()
-    with Engine(str(base_path), n_ctx=1024, n_threads=n_threads or min(2, os.cpu_count() or 1)) as eng:
-        toks = prompt_tokens(eng, prompts)
-        eng.use(None)
-        cpp_base = [engine_logits(eng, t) for t in toks]
-        name = eng.load_adapter(str(bundle), force=True)
-        eng.use(name)
-        cpp_lora = [engine_logits(eng, t) for t in toks]
+    threads = n_threads or min(2, os.cpu_count() or 1)
+    toks, cpp_base, cpp_lora = _cpp_logits(base_path, bundle, None, threads, prompts)
     say(f"llama.cpp: {len(toks)} prompts, {sum(map(len, toks))} positions")
+    quantized, f16_bytes = _is_quantized(base_path)
+    if exact is None:
+        exact = quantized and f16_bytes <= EXACT_MAX_BYTES and \
+            shutil.disk_usage(tempfile.gettempdir()).free > 1.5 * f16_bytes
+    exact_logits = None
+    if exact and quantized:
+        from .quantize import quantize_model
+
+        say(f"dequantizing the base to f16 for the exact check ({f16_bytes / 1e6:.0f} MB, temporary)...")
+        with tempfile.TemporaryDirectory(prefix="edgeft-verify-") as tmp:
+            f16 = quantize_model(base_path, Path(tmp) / "base-f16.gguf", "f16").path
+            exact_logits = _cpp_logits(f16, bundle, toks, threads)[1:]
     if hf_model is None:
         say("loading the base with transformers...")
         hf_model = load_hf_base(base_path)
@@ -178,25 +217,45 @@ def parity_report(peft_dir: str | os.PathLike, base_path: str | os.PathLike, bun
             base_ref = hf_logits(peft_model, toks)
     finally:
         peft_model.unload()  # give the caller its base model back without LoRA layers
-    report = {
+    report: dict = {
         "prompts": len(toks),
         "adapter": compare(lora_ref, cpp_lora),       # PEFT vs llama.cpp + converted adapter
         "floor": compare(base_ref, cpp_base),         # transformers vs llama.cpp, no adapter
         "adapter_effect": compare(base_ref, lora_ref),  # how much the adapter changes PEFT's output
-        "seconds": round(time.perf_counter() - t0, 1),
     }
-    report["ok"] = report["adapter"]["top1"] >= report["floor"]["top1"] - TOP1_MARGIN
+    report["within_floor"] = report["adapter"]["top1"] >= report["floor"]["top1"] - TOP1_MARGIN
+    if exact_logits is not None:
+        ex = {"adapter": compare(lora_ref, exact_logits[1]), "floor": compare(base_ref, exact_logits[0])}
+        ex["ok"] = (ex["adapter"]["top1"] >= ex["floor"]["top1"] - TOP1_MARGIN
+                    and ex["adapter"]["kl_mean"] <= 10 * ex["floor"]["kl_mean"] + EXACT_KL)
+        report["exact"] = ex
+        report["ok"] = ex["ok"]
+    else:
+        report["ok"] = report["within_floor"]
+    report["seconds"] = round(time.perf_counter() - t0, 1)
     return report
 
 
 def format_report(r: dict) -> str:
     a, f, e = r["adapter"], r["floor"], r["adapter_effect"]
-    lines = [
-        f"parity on {r['prompts']} prompts ({a['positions']} positions):",
-        f"  with adapter (PEFT vs llama.cpp):    top-1 {a['top1'] * 100:6.2f}%   mean KL {a['kl_mean']:.2e}",
-        f"  without adapter (noise floor):       top-1 {f['top1'] * 100:6.2f}%   mean KL {f['kl_mean']:.2e}",
-        f"  adapter effect (PEFT on vs off):     top-1 {e['top1'] * 100:6.2f}%   mean KL {e['kl_mean']:.2e}",
-        f"  {'OK' if r['ok'] else 'MISMATCH'}: agreement is "
-        f"{'within' if r['ok'] else 'more than'} {TOP1_MARGIN * 100:.0f} point of the floor",
-    ]
+
+    def row(label: str, c: dict) -> str:
+        return f"  {label:<42} top-1 {c['top1'] * 100:6.2f}%   mean KL {c['kl_mean']:.2e}"
+
+    lines = [f"parity on {r['prompts']} prompts ({a['positions']} positions), PEFT vs llama.cpp:",
+             row("with adapter", a), row("without adapter (noise floor)", f)]
+    if "exact" in r:
+        lines += [row("with adapter, base dequantized to f16", r["exact"]["adapter"]),
+                  row("without adapter, base dequantized to f16", r["exact"]["floor"])]
+    lines.append(row("adapter effect (PEFT on vs off)", e))
+    if "exact" in r:
+        verdict = ("OK: on the dequantized base PEFT and llama.cpp agree to rounding" if r["ok"] else
+                   "MISMATCH: on the dequantized base llama.cpp does not reproduce PEFT")
+        if r["ok"] and not r["within_floor"]:
+            verdict += (f"; on the quantized base agreement is more than {TOP1_MARGIN * 100:.0f} point below the "
+                        "floor: llama.cpp's quantized arithmetic flips more near-ties with an adapter attached")
+    else:
+        verdict = (f"OK: agreement is within {TOP1_MARGIN * 100:.0f} point of the floor" if r["ok"] else
+                   f"MISMATCH: agreement is more than {TOP1_MARGIN * 100:.0f} point below the floor")
+    lines.append("  " + verdict)
     return "\n".join(lines)

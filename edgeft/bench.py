@@ -687,6 +687,7 @@ def run_bench(base: str | None = None, adapters: Sequence[str] | None = None, *,
     base_path = Path(bm.path)
     tmp = tempfile.TemporaryDirectory(prefix="edgeft-bench-")
     work = Path(tmp.name)
+    opened: list = []  # engines to close if a step fails
     try:
         # -- adapters under test ------------------------------------------------------------
         refs: list[tuple[str, Path, bool]] = []  # (name, gguf path, generated)
@@ -722,9 +723,9 @@ def run_bench(base: str | None = None, adapters: Sequence[str] | None = None, *,
             eng = Engine(str(base_path), n_ctx=prof.n_ctx, n_threads=prof.threads, n_batch=prof.n_batch,
                          n_gpu_layers=gpu_layers, use_mlock=prof.use_mlock, memory_budget_mb=budget,
                          adapter_dirs=adapter_dirs)
+            opened.append(eng)
             if i:
                 load_ms.append(eng.load_ms)
-        assert eng is not None
         res["base"]["model_size_mb"] = eng._b.model_size_bytes() / 1e6
         res["base"]["n_ctx"], res["base"]["threads"] = eng.n_ctx, eng.n_threads
         _request(eng, PENALTY_PROMPT, {}, max_tokens=4)
@@ -763,7 +764,7 @@ def run_bench(base: str | None = None, adapters: Sequence[str] | None = None, *,
         # -- TTFT and prefill from a cleared KV cache ----------------------------------------
         prompts = [(label, eng.chat_prompt(msgs)) for label, msgs in prompt_set()]
         if quick:
-            prompts = [p for p in prompts if p[0] != "short"]
+            prompts = [p for p in prompts if p[0] == "task"]
         by_prompt = []
         samples: dict[tuple[str, str], list] = {}
         for r in range(reps):
@@ -780,11 +781,11 @@ def run_bench(base: str | None = None, adapters: Sequence[str] | None = None, *,
                 row[f"prefill_tps_{mode}"] = row["tokens"] / (t / 1e3) if t else None
             by_prompt.append(row)
         std = next(r for r in by_prompt if r["prompt"] == "task")
-        long = next(r for r in by_prompt if r["prompt"] == "long")
+        long = next((r for r in by_prompt if r["prompt"] == "long"), std)
         res["ttft_ms"] = {"base": std["ttft_ms_base"], "adapter": std["ttft_ms_adapter"],
                           "prompt": "task", "prompt_tokens": std["tokens"], "by_prompt": by_prompt}
         res["prefill_tps"] = {"base": long["prefill_tps_base"], "adapter": long["prefill_tps_adapter"],
-                              "prompt": "long", "prompt_tokens": long["tokens"]}
+                              "prompt": long["prompt"], "prompt_tokens": long["tokens"]}
 
         # -- merged GGUF of the first adapter ------------------------------------------------
         say("merging the first adapter into a copy of the base")
@@ -796,6 +797,7 @@ def run_bench(base: str | None = None, adapters: Sequence[str] | None = None, *,
                                adapter=names[0])
             merged_eng = Engine(str(merged_path), n_ctx=prof.n_ctx, n_threads=prof.threads, n_batch=prof.n_batch,
                                 n_gpu_layers=gpu_layers, use_mlock=prof.use_mlock)
+            opened.append(merged_eng)
             _request(merged_eng, PENALTY_PROMPT, {}, max_tokens=4)
         except Exception as e:  # report, do not abort the whole benchmark
             log.warning("merged GGUF unavailable: %s", e)
@@ -803,7 +805,7 @@ def run_bench(base: str | None = None, adapters: Sequence[str] | None = None, *,
             merged_path = merged_eng = None
 
         # -- decode tok/s per mode -------------------------------------------------------------
-        n_dec = 48 if quick else 64
+        n_dec = 32 if quick else 64
         modes: dict[str, tuple[Any, dict]] = {"base": (eng, {}), "adapter": (eng, a_sel)}
         if ab_sel:
             modes["two_adapters"] = (eng, ab_sel)
@@ -925,6 +927,9 @@ def run_bench(base: str | None = None, adapters: Sequence[str] | None = None, *,
         else:
             res["llama_bench"] = None
     finally:
+        for e in opened:
+            with contextlib.suppress(Exception):
+                e.close()  # closing twice is a no-op
         with contextlib.suppress(Exception):
             tmp.cleanup()
 
@@ -1021,7 +1026,7 @@ def _merged_memory(merged_path: Path, work: Path, common: dict, counts: list[int
     per_model_guess = merged_path.stat().st_size / 1e6 * 1.5
     measure = []
     for n in counts:
-        if quick and n > 2:
+        if quick and n > 1:
             break
         if prof.ram_budget_mb and mem["process_mb"] + n * per_model_guess > prof.ram_budget_mb:
             break
@@ -1043,8 +1048,9 @@ def _merged_memory(merged_path: Path, work: Path, common: dict, counts: list[int
             (work / f"merged-{k}.gguf").unlink()
     return {"points": pts, "per_model_mb": per_model, "process_mb": probe["process_mb"],
             "file_mb": merged_path.stat().st_size / 1e6,
-            "note": "estimated points = measured process + n x measured per-model RSS"
-                    + (" (quick run)" if quick else " (beyond the profile's RAM budget)")}
+            "note": ("estimated points = measured process + n x measured per-model RSS"
+                     + (" (quick run)" if quick else " (beyond the profile's RAM budget)")) if len(pts) > len(measure)
+                    else "all points measured"}
 
 
 # -- targets --------------------------------------------------------------------------------

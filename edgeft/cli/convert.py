@@ -55,9 +55,12 @@ def convert(
     if res.parity is not None and not res.parity["ok"]:
         from ..errors import ConversionError
 
-        a, f = res.parity["adapter"], res.parity["floor"]
-        raise ConversionError(f"parity check failed: top-1 agreement {a['top1'] * 100:.2f}% is more than 1 point below "
-                              f"the no-adapter floor {f['top1'] * 100:.2f}% (the bundle was written to {res.folder})",
+        p = res.parity.get("exact", res.parity)
+        a, f = p["adapter"], p["floor"]
+        where = " on the dequantized base" if "exact" in res.parity else ""
+        raise ConversionError(f"parity check failed{where}: top-1 agreement {a['top1'] * 100:.2f}% (mean KL "
+                              f"{a['kl_mean']:.2e}) against {f['top1'] * 100:.2f}% ({f['kl_mean']:.2e}) without the "
+                              f"adapter; the bundle was written to {res.folder}",
                               "check that --base is the model the adapter was trained on; the report is in adapter.json")
     typer.echo(f'  try it: edgeft run --adapter {card.name if out_dir is None else res.folder} "..."')
 
