@@ -169,7 +169,8 @@ def run(base: str | None = None, repeats: int = 5, outtype: str = "f32", keep: P
                                  "safetensors_bytes": size},
                      "outtype": outtype, "repeats": repeats,
                      "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
-                                 "platform": platform.platform()}}
+                                 "platform": platform.platform(),
+                                 "loadavg_1m_at_start": round(os.getloadavg()[0], 2)}}
         bm.sha256  # hash once (cached), so no run pays for it
         inproc = []
         for i in range(repeats):
@@ -194,6 +195,7 @@ def run(base: str | None = None, repeats: int = 5, outtype: str = "f32", keep: P
             env.pop("NO_LOCAL_GGUF", None)
             out["llama_cpp"] = {"script": str(src / "convert_lora_to_gguf.py"), **_summary(_time_cmd(ref, repeats, env))}
             out["speedup_cli_vs_llama_cpp"] = round(out["llama_cpp"]["median_s"] / out["edgeft_cli"]["median_s"], 1)
+        out["machine"]["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
         if keep:
             shutil.copytree(work, keep, dirs_exist_ok=True)
         return out

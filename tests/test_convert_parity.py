@@ -170,7 +170,7 @@ def test_cli_verify_stores_parity_in_card(tmp_path, capsys):
     make_peft(model, d, target_modules=["q_proj", "v_proj", "down_proj"])
     main(["convert", str(d), "--base", str(base), "-o", str(tmp_path / "b"), "--verify", "--threads", "2"])
     out = capsys.readouterr().out
-    assert "with adapter (PEFT vs llama.cpp)" in out and "OK" in out
+    assert "PEFT vs llama.cpp:" in out and "  with adapter " in out and "OK:" in out
     card = json.loads((tmp_path / "b" / "adapter.json").read_text())
     assert card["metrics"]["parity"]["ok"] is True
     assert card["metrics"]["parity"]["adapter"]["top1"] >= 0.995
