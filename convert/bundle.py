@@ -25,7 +25,6 @@ from typing import Callable
 from edgeft import __version__
 from edgeft.bundles import CARD_FILE, GGUF_FILE, TaskCard
 from edgeft.errors import EdgeftError
-from edgeft.gguf_info import BaseInfo, inspect_adapter
 from edgeft.models import BaseModel, resolve_base
 from edgeft.paths import user_adapters_dir
 from edgeft.registry import is_valid_name
@@ -55,8 +54,10 @@ class ConvertResult:
     timings: dict = field(default_factory=dict)
 
 
-def base_info_from_header(h: GGUFHeader) -> BaseInfo:
+def base_info_from_header(h: GGUFHeader):
     """The runtime's BaseInfo, built from the fast header reader (gguf_info.base_info takes seconds)."""
+    from edgeft.gguf_info import BaseInfo
+
     n_ctx = h.arch_value("context_length")
     return BaseInfo(h.path.resolve(), str(h.architecture), {t.name: t.shape for t in h.tensors.values()},
                     str(h.kv.get("general.name") or h.path.stem), int(n_ctx) if n_ctx is not None else None)
@@ -144,13 +145,12 @@ def convert_adapter(peft_dir: str | os.PathLike, base: str | os.PathLike | None 
     with _staging(folder) as stage:
         gguf_path = stage / GGUF_FILE
         nbytes = write_adapter(gguf_path, tensors, arch=layout.arch.name, alpha=alpha, name=name)
-        info = inspect_adapter(gguf_path, base_info_from_header(header))  # the runtime's own validator
         card = _make_card(name, adapter, base_model, layout.arch.name, pairs, alpha, outtype, nbytes, card_in,
                           reproduce or _reproduce(adapter, base_model, name, outtype, task_card))
         card.save(stage / CARD_FILE)
         seconds = time.perf_counter() - t0
         timings["write"] = seconds - sum(timings.values())
-        say(f"converted {len(info.pairs)} tensor pairs ({nbytes / 1e6:.1f} MB, {outtype}) in {seconds:.2f} s")
+        say(f"converted {len(pairs)} tensor pairs ({nbytes / 1e6:.1f} MB, {outtype}) in {seconds:.2f} s")
         parity = None
         if verify:
             from .verify import parity_report
@@ -167,7 +167,7 @@ def _make_card(name: str, adapter: PeftAdapter, base: BaseModel, arch: str, pair
     ranks = adapter.ranks
     folded = any(float(v) != runtime_scale(alpha, p.rank) for p in pairs for v in set(p.col_scale.tolist()))
     adapter_info = {
-        "file": GGUF_FILE, "rank": ranks[-1] if len(ranks) == 1 else max(ranks), "alpha": alpha,
+        "file": GGUF_FILE, "rank": max(ranks), "alpha": alpha,
         "targets": adapter.targets, "dtype": outtype, "tensors": len(pairs), "bytes": nbytes,
         "scale": {"use_rslora": adapter.use_rslora, "folded_into_lora_b": folded},
     }

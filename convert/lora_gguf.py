@@ -16,9 +16,11 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from edgeft.errors import ConversionError
 from edgeft.files import atomic_path
 
 from .fsmode import publish
+from .gguf_header import read_header
 from .names import GGUFPair
 from .problems import Problem
 
@@ -38,6 +40,7 @@ class OutTensor:
     data: np.ndarray
     raw_dtype: gguf.GGMLQuantizationType | None   # None: float32/float16 by numpy dtype
     ggml_type: str
+    shape: tuple[int, ...]                        # logical shape, numpy order
 
 
 def fold(pairs: list[GGUFPair], alpha: float) -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -57,12 +60,12 @@ def encode(name: str, arr: np.ndarray, outtype: str) -> OutTensor:
     """One tensor in the output type. q8_0 needs rows of 32k values; other rows go f16, as llama.cpp's converter does."""
     arr = np.ascontiguousarray(arr, dtype=np.float32)
     if outtype == "f32":
-        return OutTensor(name, arr, None, "F32")
+        return OutTensor(name, arr, None, "F32", arr.shape)
     if outtype == "q8_0" and arr.shape[-1] % gguf.GGML_QUANT_SIZES[_Q.Q8_0][0] == 0:
-        return OutTensor(name, gguf.quants.quantize(arr, _Q.Q8_0), _Q.Q8_0, "Q8_0")
+        return OutTensor(name, gguf.quants.quantize(arr, _Q.Q8_0), _Q.Q8_0, "Q8_0", arr.shape)
     if outtype == "bf16":
-        return OutTensor(name, gguf.quants.quantize(arr, _Q.BF16), _Q.BF16, "BF16")
-    return OutTensor(name, arr.astype(np.float16), None, "F16")
+        return OutTensor(name, gguf.quants.quantize(arr, _Q.BF16), _Q.BF16, "BF16", arr.shape)
+    return OutTensor(name, arr.astype(np.float16), None, "F16", arr.shape)
 
 
 def encode_all(folded: list[tuple[str, np.ndarray, np.ndarray]], outtype: str) -> tuple[list[OutTensor], list[Problem]]:
@@ -83,7 +86,11 @@ def encode_all(folded: list[tuple[str, np.ndarray, np.ndarray]], outtype: str) -
 
 def write_adapter(path: str | os.PathLike, tensors: list[OutTensor], *, arch: str, alpha: float,
                   name: str | None = None) -> int:
-    """Write the adapter GGUF atomically (a temp file renamed into place); returns its size."""
+    """Write the adapter GGUF atomically (a temp file renamed into place); returns its size.
+
+    The file is read back (header only, milliseconds) and compared with what was meant before it
+    takes its name: metadata, every tensor's name, type and shape, data inside the file.
+    """
     target = Path(path)
     with atomic_path(target) as tmp:
         w = gguf.GGUFWriter(tmp, arch)
@@ -98,5 +105,25 @@ def write_adapter(path: str | os.PathLike, tensors: list[OutTensor], *, arch: st
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
+        _check_written(tmp, tensors, arch, alpha)
         publish(tmp)
     return target.stat().st_size
+
+
+def _check_written(path: Path, tensors: list[OutTensor], arch: str, alpha: float) -> None:
+    h = read_header(path)  # raises on truncation or data beyond the end of the file
+    kv = h.kv
+    wrong = []
+    if (kv.get(gguf.Keys.General.TYPE), kv.get(gguf.Keys.Adapter.TYPE), h.architecture) != (gguf.GGUFType.ADAPTER, "lora", arch):
+        wrong.append("metadata")
+    if kv.get(gguf.Keys.Adapter.LORA_ALPHA) != np.float32(alpha):
+        wrong.append("alpha")
+    if list(h.tensors) != [t.name for t in tensors]:
+        wrong.append("tensor names")
+    for t in tensors:
+        info = h.tensors.get(t.name)
+        if info is None or info.type.name != t.ggml_type or info.shape != tuple(reversed(t.shape)):
+            wrong.append(t.name)
+    if wrong:
+        raise ConversionError(f"the adapter GGUF read back differs from what was written ({', '.join(wrong[:5])})",
+                              "this is a bug in edgeft's converter; please report it")

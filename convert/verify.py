@@ -74,13 +74,7 @@ EXACT_MAX_BYTES = 4 << 30       # largest f16 copy of a base made for the exact 
 
 def engine_logits(eng, tokens: Sequence[int]) -> np.ndarray:
     """All-position logits of `tokens` under the engine's selected adapter set, from an empty KV."""
-    fn = getattr(eng, "logits", None)
-    if callable(fn):
-        return np.asarray(fn(list(tokens)))
-    # Until Engine.logits exists: apply the selected set as generation does, then evaluate.
-    with eng._lock:
-        eng._apply(eng.active)
-        return eng._b.logits_for(list(tokens))
+    return np.asarray(eng.logits(list(tokens)))
 
 
 def prompt_tokens(eng, prompts: Sequence[str] | None = None) -> list[list[int]]:
