@@ -32,7 +32,7 @@ import numpy as np
 
 from edgeft.paths import edgeft_home
 
-from .gguf_header import GGUFHeader, read_header
+from edgeft.gguf_header import GGUFHeader, read_header
 
 log = logging.getLogger(__name__)
 

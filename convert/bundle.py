@@ -31,7 +31,7 @@ from edgeft.registry import is_valid_name
 from edgeft.tasks import TaskSpec
 
 from .fsmode import publish
-from .gguf_header import GGUFHeader, read_header
+from edgeft.gguf_header import GGUFHeader, read_header
 from .lora_gguf import OUTTYPES, encode_all, fold, runtime_scale, write_adapter
 from .names import BaseLayout, check_saved_weights, plan
 from .peft import PeftAdapter, load_peft

@@ -19,7 +19,7 @@ import numpy as np
 from edgeft.files import atomic_path
 
 from .fsmode import publish
-from .gguf_header import GGUFHeader, tensor_bytes
+from edgeft.gguf_header import GGUFHeader, tensor_bytes
 
 _VT = gguf.GGUFValueType
 _FMT = {_VT.UINT8: "B", _VT.INT8: "b", _VT.UINT16: "H", _VT.INT16: "h", _VT.UINT32: "I", _VT.INT32: "i",

@@ -20,7 +20,7 @@ from edgeft.errors import ConversionError
 from edgeft.files import atomic_path
 
 from .fsmode import publish
-from .gguf_header import read_header
+from edgeft.gguf_header import read_header
 from .names import GGUFPair
 from .problems import Problem
 

@@ -27,7 +27,7 @@ from edgeft.gguf_info import inspect_adapter
 from edgeft.models import resolve_base
 
 from .bundle import base_info_from_header
-from .gguf_header import GGUFHeader, read_header, read_tensor
+from edgeft.gguf_header import GGUFHeader, read_header, read_tensor
 from .gguf_rewrite import Progress, rewrite_gguf
 from .lora_gguf import runtime_scale
 from .quantize import (LLAMA_TYPES, NUMPY_TYPES, can_quantize, choose_type, encode, file_type_kv, llama_quantize,

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .gguf_header import GGUFHeader, read_tensor
+from edgeft.gguf_header import GGUFHeader, read_tensor
 from .peft import LoraModule, PeftAdapter
 from .problems import Problem
 

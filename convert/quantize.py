@@ -17,7 +17,6 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import gguf
 import numpy as np
@@ -25,7 +24,7 @@ import numpy as np
 from edgeft.errors import ConversionError
 
 from .fsmode import publish
-from .gguf_header import GGUFHeader, read_header, read_tensor
+from edgeft.gguf_header import GGUFHeader, read_header, read_tensor
 from .gguf_rewrite import Progress, rewrite_gguf
 
 log = logging.getLogger(__name__)
@@ -163,12 +162,8 @@ def llama_quantize(src: Path, dst: Path, ftype: gguf.LlamaFileType, *, threads: 
     from edgeft import _llama
     from edgeft.files import atomic_path
 
-    fn: Callable | None = getattr(_llama, "quantize_model", None)
-    if fn is None:
-        raise ConversionError(f"{ftype.name} needs llama.cpp's quantizer, which this edgeft build does not expose",
-                              f"use one of {', '.join(NUMPY_TYPES)}, or llama.cpp's llama-quantize tool")
     with atomic_path(dst) as tmp:
-        fn(str(src), str(tmp), int(ftype), nthread=threads or 0, allow_requantize=allow_requantize)
+        _llama.quantize_model(str(src), str(tmp), int(ftype), nthread=threads or 0, allow_requantize=allow_requantize)
         if not tmp.is_file() or tmp.stat().st_size == 0:
             raise ConversionError(f"llama.cpp's quantizer failed for {src.name}", "run with EDGEFT_VERBOSE=1 to see why")
         publish(tmp)

@@ -157,7 +157,7 @@ def _cpp_logits(base_path, bundle, toks_or_prompts, n_threads: int, prompts=None
 
 def _is_quantized(base_path) -> tuple[bool, int]:
     """Whether the base has quantized tensors, and the size of an f16 copy of it."""
-    from .gguf_header import read_header
+    from edgeft.gguf_header import read_header
 
     h = read_header(base_path)
     floats = {"F32", "F16", "BF16"}

@@ -73,6 +73,21 @@ def api_names() -> dict[str, str]:
     }
 
 
+def quantize_model(src: str, dst: str, ftype: int, *, nthread: int = 0, allow_requantize: bool = True,
+                   pure: bool = False) -> None:
+    """llama.cpp's own quantizer (`llama_model_quantize`): k-quants, i-quants and its per-tensor
+    type mixtures, which the `gguf` package cannot produce. `ftype` is a `gguf.LlamaFileType`."""
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(ftype)
+    params.nthread = int(nthread)
+    params.allow_requantize = bool(allow_requantize)
+    params.pure = bool(pure)
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise ModelError(f"llama.cpp could not quantize {os.path.basename(src)} (code {rc})",
+                         "check that the input is a complete base model; run with EDGEFT_VERBOSE=1 to see why")
+
+
 @dataclass
 class Sampling:
     temperature: float = 0.0

@@ -18,6 +18,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence, Union
 
 from . import _llama
@@ -156,6 +157,7 @@ class Engine:
         self._lock = threading.Lock()
         self._adapters: OrderedDict[str, LoadedAdapter] = OrderedDict()
         self._known: dict[str, AdapterBundle] = {}  # every bundle loaded once, by name (for reloads)
+        self._inspected: dict[tuple, AdapterInfo] = {}  # (path, inode, size, mtime_ns) -> validated info
         self._selected: dict[str, float] = {}   # what use() asked for
         self._applied: tuple = ()               # ((name, scale), ...) on the context now
         self._kv_tokens: list[int] = []         # tokens whose K/V are in memory, under _applied
@@ -218,7 +220,7 @@ class Engine:
                 f"adapter '{name}' was made for base {bundle.card.base.get('id', '?')} "
                 f"(sha256 {card_sha[:12]}...), not the loaded {self.base.id} ({self.base.sha256[:12]}...)",
                 "load the base it belongs to, or pass --force to load it anyway")
-        info = inspect_adapter(bundle.gguf_path, self.info)
+        info = self._inspect(bundle.gguf_path)
         self._make_room(info.nbytes / 1e6, keep=set(keep) | set(self._selected) | {n for n, _ in self._applied})
         t0 = time.perf_counter()
         handle = self._b.adapter_load(str(bundle.gguf_path))
@@ -226,6 +228,20 @@ class Engine:
         self._adapters[name] = la
         self._known[name] = bundle
         return name
+
+    def _inspect(self, path: Path) -> AdapterInfo:
+        """inspect_adapter, remembered per file version: reloading an evicted adapter skips the
+        full read and NaN scan (most of a reload's time) unless the file changed since."""
+        try:
+            st = path.stat()
+        except OSError:
+            return inspect_adapter(path, self.info)  # raises the clear "not found" error
+        key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+        info = self._inspected.get(key)
+        if info is None:
+            info = inspect_adapter(path, self.info)
+            self._inspected[key] = info
+        return info
 
     def _make_room(self, need_mb: float, keep: set[str]) -> None:
         budget = self.memory_budget_mb

@@ -20,7 +20,8 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside `target`; rename it over `target` only if the block succeeds.
 
     An exception (or Ctrl-C) inside the block removes the temp file: no partial file ever
-    carries the target's name.
+    carries the target's name. The result gets the mode a plain `open(target, "w")` would give
+    (mkstemp's 0600 would hide a shared model or bundle from other users).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -29,11 +30,19 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.exists():
+            os.chmod(tmp_path, 0o666 & ~current_umask())
         os.replace(tmp_path, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+def current_umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m
 
 
 def write_text_atomic(target: str | os.PathLike, text: str) -> None:

@@ -15,11 +15,12 @@ import gguf
 import numpy as np
 
 from .errors import AdapterError, ModelError
+from .gguf_header import read_header
 
 _FLOAT_TYPES = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
 
 
-def _open(path: Path, what: str, error: type) -> gguf.GGUFReader:
+def _check_magic(path: Path, what: str, error: type) -> None:
     if not path.is_file():
         raise error(f"{what} not found: {path}", "check the path")
     if path.stat().st_size < 24:
@@ -29,6 +30,10 @@ def _open(path: Path, what: str, error: type) -> gguf.GGUFReader:
         magic = f.read(4)
     if magic != b"GGUF":
         raise error(f"{what} {path} is not a GGUF file (magic {magic!r})", "pass a .gguf file made by llama.cpp or edgeft")
+
+
+def _open(path: Path, what: str, error: type) -> gguf.GGUFReader:
+    _check_magic(path, what, error)
     try:
         return gguf.GGUFReader(path, "r")
     except Exception as e:  # the reader raises ValueError, IndexError, struct errors... on damage
@@ -66,18 +71,19 @@ class BaseInfo:
 @functools.lru_cache(maxsize=8)
 def _base_info_cached(path: str, size: int, mtime_ns: int) -> BaseInfo:
     p = Path(path)
-    r = _open(p, "base model", ModelError)
-    arch = field_value(r, gguf.Keys.General.ARCHITECTURE)
-    gtype = field_value(r, gguf.Keys.General.TYPE)
+    _check_magic(p, "base model", ModelError)
+    h = read_header(p, error=ModelError)  # milliseconds; gguf.GGUFReader takes seconds on a tokenizer
+    arch = h.architecture
+    gtype = h.kv.get(gguf.Keys.General.TYPE)
     if gtype == "adapter":
         raise ModelError(f"{p} is a LoRA adapter, not a base model", "pass it with --adapter, and a base with --base")
-    if not arch:
+    if not arch or not isinstance(arch, str):
         raise ModelError(f"base model {p} has no general.architecture", "the file is not a llama.cpp model")
-    _check_bounds(r, p, "base model", ModelError)
-    tensors = {t.name: tuple(int(x) for x in t.shape) for t in r.tensors}
-    n_ctx = field_value(r, f"{arch}.context_length")
-    return BaseInfo(p, str(arch), tensors, str(field_value(r, gguf.Keys.General.NAME) or p.stem),
-                    int(n_ctx) if n_ctx is not None else None)
+    tensors = {name: tuple(int(x) for x in t.shape) for name, t in h.tensors.items()}
+    n_ctx = h.arch_value("context_length")
+    name = h.kv.get(gguf.Keys.General.NAME)
+    return BaseInfo(p, arch, tensors, str(name) if isinstance(name, str) and name else p.stem,
+                    int(n_ctx) if isinstance(n_ctx, int) else None)
 
 
 def base_info(path: str | os.PathLike) -> BaseInfo:
@@ -166,6 +172,12 @@ def inspect_adapter(path: str | os.PathLike, base: BaseInfo | None = None) -> Ad
                 ok = bt[0] == ash[0] and bt[1] == bsh[1] and ash[1] == bsh[0]
             if not ok:
                 problems.append(f"'{name}': lora_a {ash} / lora_b {bsh} do not fit the base tensor {bt}")
+                continue
+            if is_embd and "output.weight" not in base.tensors:
+                # llama.cpp reuses token_embd as the output matrix of a tied-embedding base and
+                # would apply the embedding LoRA there too: a shape assertion that kills the process
+                problems.append(f"'{name}': embedding LoRA on a base with tied embeddings (no output.weight), "
+                                "which llama.cpp cannot run; train without embed_tokens in target_modules")
                 continue
         elif not is_embd and ash[1] != bsh[0]:
             problems.append(f"'{name}': rank of lora_a ({ash[1]}) != rank of lora_b ({bsh[0]})")

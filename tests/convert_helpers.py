@@ -268,34 +268,3 @@ def engine(base: Path, **kw):
 
 
 TOKENS = [1] + [3 + (i * 37) % 250 for i in range(47)]  # BOS + 47 byte tokens
-
-
-# -- llama.cpp pieces edgeft/_llama.py does not expose yet (see the converter's report) ----------
-
-def install_quantize_model() -> None:
-    """Give edgeft._llama a `quantize_model` (llama_model_quantize) if the runtime lacks one.
-
-    Reaches llama_cpp only through the module edgeft._llama already imported.
-    """
-    import ctypes
-
-    from edgeft import _llama
-
-    if hasattr(_llama, "quantize_model"):
-        return
-    lc = _llama.llama_cpp
-
-    def quantize_model(src: str, dst: str, ftype: int, *, nthread: int = 0, allow_requantize: bool = True,
-                       pure: bool = False) -> None:
-        params = lc.llama_model_quantize_default_params()
-        params.ftype = int(ftype)
-        params.nthread = int(nthread)
-        params.allow_requantize = bool(allow_requantize)
-        params.pure = bool(pure)
-        rc = lc.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-        if rc != 0:
-            from edgeft.errors import ModelError
-
-            raise ModelError(f"llama.cpp could not quantize {src} (code {rc})", "run with EDGEFT_VERBOSE=1")
-
-    _llama.quantize_model = quantize_model

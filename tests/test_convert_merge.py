@@ -11,10 +11,10 @@ import pytest
 
 pytest.importorskip("peft")
 
-from convert_helpers import ALL_SEVEN, TOKENS, engine, install_quantize_model, make_peft, tiny  # noqa: E402
+from convert_helpers import ALL_SEVEN, TOKENS, engine, make_peft, tiny  # noqa: E402
 
 from edgeft.convert import convert_adapter  # noqa: E402
-from edgeft.convert.gguf_header import read_header, tensor_bytes  # noqa: E402
+from edgeft.gguf_header import read_header, tensor_bytes  # noqa: E402
 from edgeft.convert.merge import merge_adapter, merge_adapters  # noqa: E402
 from edgeft.convert.verify import engine_logits  # noqa: E402
 from edgeft.errors import AdapterError, ConversionError  # noqa: E402
@@ -72,7 +72,6 @@ def test_requantized_merge(tmp_path, bundles, quant, types):
 
 
 def test_k_quant_merge_through_llama_cpp(tmp_path, bundles):
-    install_quantize_model()
     base, b = bundles
     res = merge_adapters(str(base), [str(b["seven"])], tmp_path / "m.gguf", quant="q4_k_m")
     assert res.engine == "llama.cpp" and res.cost["merged_vs_hot"]["top1"] > 0.8

@@ -199,7 +199,7 @@ def test_base_dependent_refusals_are_all_reported():
 
 
 def test_unknown_architecture_lists_the_supported_ones(tmp_path):
-    from edgeft.convert.gguf_header import read_header
+    from edgeft.gguf_header import read_header
     import gguf
 
     p = tmp_path / "m.gguf"
@@ -218,7 +218,7 @@ def test_unknown_architecture_lists_the_supported_ones(tmp_path):
 
 
 def test_real_base_layout(base_path):
-    from edgeft.convert.gguf_header import read_header
+    from edgeft.gguf_header import read_header
 
     lay, problems = BaseLayout.from_header(read_header(base_path))
     assert problems == [] and lay.arch.name == "llama" and lay.n_layer == 30

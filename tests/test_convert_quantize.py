@@ -9,9 +9,9 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from convert_helpers import TOKENS, engine, install_quantize_model, tiny  # noqa: E402
+from convert_helpers import TOKENS, engine, tiny  # noqa: E402
 
-from edgeft.convert.gguf_header import read_header, tensor_bytes  # noqa: E402
+from edgeft.gguf_header import read_header, tensor_bytes  # noqa: E402
 from edgeft.convert.quantize import NUMPY_TYPES, llama_quantize, quantize_model  # noqa: E402
 from edgeft.convert.verify import engine_logits  # noqa: E402
 from edgeft.errors import ConversionError  # noqa: E402
@@ -25,7 +25,6 @@ def kv_bytes(path: Path, skip=("general.file_type", "general.quantization_versio
 
 @pytest.mark.parametrize("qtype", ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "f16", "bf16"])
 def test_bit_identical_to_llama_cpp_quantizer(tmp_path, qtype):
-    install_quantize_model()
     _, base = tiny("llama")
     ours = quantize_model(base, tmp_path / "ours.gguf", qtype)
     assert ours.engine == "numpy"
@@ -48,7 +47,6 @@ def test_quantized_model_runs_close_to_f32(tmp_path):
 
 
 def test_k_quants_go_through_llama_cpp(tmp_path, capsys):
-    install_quantize_model()
     from edgeft.cli import main
 
     _, base = tiny("llama")
@@ -60,14 +58,21 @@ def test_k_quants_go_through_llama_cpp(tmp_path, capsys):
         assert np.isfinite(engine_logits(eng, TOKENS[:8])).all()
 
 
-def test_k_quants_without_the_binding_say_so(tmp_path, monkeypatch):
+def test_a_failing_llama_quantizer_leaves_no_file(tmp_path, monkeypatch):
+    """llama.cpp writes its output as it goes; a failure half way must not leave that file."""
     from edgeft import _llama
+    from edgeft.errors import ModelError
 
-    monkeypatch.delattr(_llama, "quantize_model", raising=False)
+    def half_then_fail(src, dst, ftype, **kw):
+        with open(dst, "wb") as f:
+            f.write(b"GGUF" + b"\0" * 1000)
+        raise ModelError("llama.cpp could not quantize (code 1)")
+
+    monkeypatch.setattr(_llama, "quantize_model", half_then_fail)
     _, base = tiny("llama")
-    with pytest.raises(ConversionError, match="needs llama.cpp's quantizer") as ei:
+    with pytest.raises(ModelError, match="could not quantize"):
         quantize_model(base, tmp_path / "k.gguf", "q4_k_m")
-    assert "q8_0" in ei.value.hint and not (tmp_path / "k.gguf").exists()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_errors(tmp_path):
@@ -102,7 +107,6 @@ def test_adapter_input_is_refused(tmp_path):
 def test_real_base_requantized_like_llama_cpp(tmp_path, base_path):
     """SmolLM2 Q4_1 -> q8_0 (dequantize, requantize): the same bytes as llama.cpp's quantizer
     (--allow-requantize), tokenizer and chat template kept."""
-    install_quantize_model()
     res = quantize_model(base_path, tmp_path / "q8.gguf", "q8_0")
     assert res.types == {"Q8_0": 211, "F32": 61}
     assert kv_bytes(tmp_path / "q8.gguf") == kv_bytes(base_path)

@@ -130,6 +130,28 @@ def test_lru_budget_evicts_least_recently_used(base_path, tmp_path):
             e.load_adapter(paths[0])
 
 
+def test_reload_after_eviction_revalidates_a_changed_file(base_path, tmp_path):
+    """Reloads skip the full validation only while the file is the one validated before."""
+    paths = [write_adapter(tmp_path / f"v{i}.gguf", base_path, seed=i, rank=4) for i in range(2)]
+    with Engine(str(base_path), n_ctx=512, n_threads=2) as probe:
+        name = probe.load_adapter(paths[0])
+        one_mb = probe.adapters[name].mb
+    with Engine(str(base_path), n_ctx=512, n_threads=2, memory_budget_mb=one_mb * 1.5) as e:
+        e.load_adapter(paths[0])
+        e.load_adapter(paths[1])                       # evicts v0
+        assert set(e.adapters) == {"v1"}
+        e.load_adapter("v0")                           # unchanged: reloads (evicting v1)
+        assert set(e.adapters) == {"v0"}
+
+        def nan(t):
+            t["blk.0.attn_q.weight.lora_b"][0, 0] = np.nan
+
+        write_adapter(paths[1], base_path, seed=1, rank=4, mutate=nan)  # v1 changes on disk
+        with pytest.raises(AdapterError, match="NaN"):
+            e.load_adapter("v1")
+        assert set(e.adapters) == {"v0"}
+
+
 def test_threads_serialized_and_exact(engine, adapters):
     refs = [None, str(adapters["a"]), str(adapters["b"]), str(adapters["c"])]
     jobs = [(refs[i % 4], PROMPTS[i % 3]) for i in range(16)]

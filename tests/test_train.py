@@ -3,8 +3,6 @@ determinism for a seed, and nothing half-written when a run fails."""
 
 from __future__ import annotations
 
-import contextlib
-
 import json
 from pathlib import Path
 
@@ -17,17 +15,9 @@ pytest.importorskip("transformers")
 from edgeft.data import Example, load  # noqa: E402
 from edgeft.errors import InputError  # noqa: E402
 from edgeft.tasks import TaskSpec  # noqa: E402
+from helpers import exit_ok as _exit_ok  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@contextlib.contextmanager
-def _exit_ok():
-    """The CLI's main() returns on success and raises SystemExit(0/None) from typer in some paths."""
-    try:
-        yield
-    except SystemExit as e:
-        assert e.code in (0, None), f"exit code {e.code}"
 CARDS = REPO / "models" / "tasks"
 
 pytestmark = pytest.mark.slow

@@ -3,8 +3,6 @@ sentiment adapter answering with exactly one label."""
 
 from __future__ import annotations
 
-import contextlib
-
 import json
 import subprocess
 import sys
@@ -12,18 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import write_bundle
+from helpers import exit_ok as _exit_ok, write_bundle
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@contextlib.contextmanager
-def _exit_ok():
-    """The CLI's main() returns on success and raises SystemExit(0/None) from typer in some paths."""
-    try:
-        yield
-    except SystemExit as e:
-        assert e.code in (0, None), f"exit code {e.code}"
 SHIPPED = REPO / "models" / "adapters"
 
 pytestmark = pytest.mark.slow

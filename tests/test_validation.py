@@ -63,6 +63,27 @@ def test_wrong_shape_missing_pair_nan_all_reported(base_path, tmp_path):
         assert needle in msg
 
 
+def test_embedding_lora_on_tied_base_is_refused(base_path, tmp_path):
+    """SmolLM2 ties its output matrix to token_embd: llama.cpp would run the embedding LoRA as an
+    output matmul and abort the process, so the adapter is refused before it gets there."""
+    info = base_info(base_path)
+    assert "output.weight" not in info.tensors and "token_embd.weight" in info.tensors
+    n_embd, n_vocab = info.tensors["token_embd.weight"]
+    rng = np.random.default_rng(0)
+
+    def mutate(t):
+        t["token_embd.weight.lora_a"] = rng.standard_normal((n_vocab, 4)).astype(np.float32)
+        t["token_embd.weight.lora_b"] = rng.standard_normal((n_embd, 4)).astype(np.float32)
+
+    p = write_adapter(tmp_path / "e.gguf", base_path, rank=4, mutate=mutate)
+    with pytest.raises(AdapterError, match="tied embeddings") as ei:
+        inspect_adapter(p, info)
+    assert "token_embd.weight" in ei.value.message
+    # the same file without the embedding pair is accepted: the refusal is about that pair only
+    ok = write_adapter(tmp_path / "ok.gguf", base_path, rank=4)
+    assert "token_embd.weight" not in inspect_adapter(ok, info).pairs
+
+
 def test_base_model_given_as_adapter(base_path):
     with pytest.raises(AdapterError, match="not a LoRA adapter"):
         inspect_adapter(base_path)

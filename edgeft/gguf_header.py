@@ -1,9 +1,9 @@
 """A fast GGUF header reader: metadata scalars and tensor infos, without parsing big arrays.
 
 `gguf.GGUFReader` builds a Python object for every element of every array, which takes 2.2 s
-on SmolLM2's 49k-token tokenizer; the converter needs only the architecture, a few head counts
-and the tensor table, so it walks the header here in a few milliseconds (large arrays are
-skipped, not decoded). Format: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md
+on SmolLM2's 49k-token tokenizer; the runtime and the converter need only the architecture, a
+few head counts and the tensor table, so they walk the header here in a few milliseconds (large
+arrays are skipped, not decoded). Format: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import gguf
 import numpy as np
 
-from edgeft.errors import ConversionError
+from edgeft.errors import ConversionError, EdgeftError
 
 _VT = gguf.GGUFValueType
 _SCALAR = {_VT.UINT8: "<B", _VT.INT8: "<b", _VT.UINT16: "<H", _VT.INT16: "<h", _VT.UINT32: "<I",
@@ -129,9 +129,17 @@ def _value(c: _Cursor, vt: int):
     return c.scalar(vt), (vt, None)
 
 
-def read_header(path: str | os.PathLike) -> GGUFHeader:
-    """Parse the header of a GGUF file (any error becomes a ConversionError naming the file)."""
-    p = Path(path)
+def read_header(path: str | os.PathLike, error: type[EdgeftError] = ConversionError) -> GGUFHeader:
+    """Parse the header of a GGUF file; any problem becomes an `error` naming the file."""
+    try:
+        return _read_header(Path(path))
+    except ConversionError as e:
+        if error is ConversionError:
+            raise
+        raise error(e.message, e.hint) from None
+
+
+def _read_header(p: Path) -> GGUFHeader:
     if not p.is_file():
         raise ConversionError(f"GGUF file not found: {p}", "check the path")
     with open(p, "rb") as f:
