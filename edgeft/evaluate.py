@@ -171,7 +171,8 @@ def score(kind: str, task: TaskSpec, examples: Sequence[Example], preds: Sequenc
     tps = [p.decode_tps for p in preds if p.decode_tps > 0]
     m.update({"invalid_rate": invalid / n if n else 0.0,
               "ttft_ms": statistics.fmean(ttft) if ttft else 0.0,
-              "decode_tps": statistics.fmean(tps) if tps else 0.0})
+              # None, not 0, when no answer had a second token (one-label tasks): no decode to time
+              "decode_tps": statistics.fmean(tps) if tps else None})
     return m
 
 

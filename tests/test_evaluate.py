@@ -74,6 +74,8 @@ def test_score_adds_invalid_rate_and_timings():
     m = score("labels", task, exs, preds)
     assert m["accuracy"] == 0.5 and m["invalid_rate"] == 0.5
     assert m["ttft_ms"] == pytest.approx(20.0) and m["decode_tps"] == pytest.approx(50.0)
+    one_token = [Prediction("positive", "positive", 10.0, 0.0, 1), Prediction("negative", "negative", 12.0, 0.0, 1)]
+    assert score("labels", task, exs, one_token)["decode_tps"] is None  # nothing decoded after the first token
 
 
 def test_metric_kind_follows_card_and_gold():

@@ -287,7 +287,8 @@ def _print_table(rep) -> None:
         t.add_column(c, justify="right")
     rows = [(rep.metrics_of, rep.metrics)] + [(k, v["metrics"]) for k, v in rep.baselines.items()]
     for label, m in rows:
-        t.add_row(label, *[f"{m[c]:.3f}" for c in cols + ["invalid_rate"]], f"{m['ttft_ms']:.0f}", f"{m['decode_tps']:.1f}")
+        t.add_row(label, *[f"{m[c]:.3f}" for c in cols + ["invalid_rate"]], f"{m['ttft_ms']:.0f}",
+                  "-" if m["decode_tps"] is None else f"{m['decode_tps']:.1f}")
     Console(stderr=False).print(t)
 
 
