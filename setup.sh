@@ -4,6 +4,7 @@
 #   ./setup.sh [--preset cpu|cpu-native|metal|cuda|vulkan] [--no-pull]
 set -euo pipefail
 cd "$(dirname "$0")"
+root=$(pwd)
 
 preset="${EDGEFT_PRESET:-cpu}"
 pull=1
@@ -32,7 +33,11 @@ vpy=.venv/bin/python
 # The llama-cpp-python pin lives in pyproject.toml only.
 lcp_version=$(sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' pyproject.toml | head -1)
 cmake_args=$(grep -v '^\s*#' "$args_file" | grep -v '^\s*$' | tr '\n' ' ' | sed 's/ *$//')
-key=$(printf '%s' "$cmake_args" | sha256sum | cut -c1-12)
+# Patches applied to the vendored llama.cpp before the build (cmake/patches/README.md); they are
+# part of the wheel's cache key, like the flags.
+patches=$(ls cmake/patches/llama.cpp/*.patch 2>/dev/null | sort || true)
+patch_sum=$( (for p in $patches; do cat "$p"; done) | sha256sum | cut -c1-12)
+key=$(printf '%s|%s' "$cmake_args" "$patch_sum" | sha256sum | cut -c1-12)
 
 wheel_dir="${EDGEFT_WHEELHOUSE:-$HOME/.cache/edgeft/wheels}/llama-cpp-python/$lcp_version/$preset-$key"
 wheel=$(ls "$wheel_dir"/llama_cpp_python-"$lcp_version"-*.whl 2>/dev/null | head -1 || true)
@@ -40,15 +45,23 @@ if [ -z "$wheel" ]; then
   echo "setup.sh: building llama-cpp-python $lcp_version, preset '$preset' (several minutes, once)"
   tmp=$(mktemp -d)
   trap 'rm -rf "$tmp"' EXIT
-  CMAKE_ARGS="$cmake_args" "$vpy" -m pip wheel --no-deps --no-cache-dir \
-    "llama-cpp-python==$lcp_version" -w "$tmp"
+  "$vpy" -m pip download -q --no-deps --no-binary :all: --disable-pip-version-check \
+    "llama-cpp-python==$lcp_version" -d "$tmp/sdist"
+  tar xzf "$tmp"/sdist/llama_cpp_python-"$lcp_version".tar.gz -C "$tmp"
+  src="$tmp/llama_cpp_python-$lcp_version"
+  for p in $patches; do
+    echo "setup.sh: applying $p"
+    (cd "$src" && git apply --directory=vendor/llama.cpp -p1 "$root/$p")
+  done
+  CMAKE_ARGS="$cmake_args" "$vpy" -m pip wheel --no-deps --no-cache-dir "$src" -w "$tmp/wheel"
   mkdir -p "$wheel_dir"
-  built=$(ls "$tmp"/*.whl)
+  built=$(ls "$tmp"/wheel/*.whl)
   mv "$built" "$wheel_dir/.partial.whl" && mv "$wheel_dir/.partial.whl" "$wheel_dir/$(basename "$built")"
   wheel="$wheel_dir/$(basename "$built")"
 fi
 echo "setup.sh: llama-cpp-python from $wheel"
-"$vpy" -m pip install -q "$wheel"
+# --force-reinstall: the same version built with other flags or patches must replace the old one
+"$vpy" -m pip install -q --force-reinstall --no-deps "$wheel"
 # torch pinned here, not in the extras: an unpinned torch may resolve to a multi-GB CUDA build.
 "$vpy" -m pip install -q "torch==${EDGEFT_TORCH_VERSION:-2.13.0}"
 "$vpy" -m pip install -q -e ".[all]"

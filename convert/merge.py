@@ -196,7 +196,20 @@ def merge_cost(base_path: str | os.PathLike, merged_path: str | os.PathLike, ada
     with Engine(str(merged_path), n_ctx=1024, n_threads=n_threads) as eng:
         eng.use(None)
         cold = [engine_logits(eng, t) for t in toks]
-    return {"prompts": len(toks), "merged_vs_hot": compare(hot, cold), "adapter_effect": compare(plain, hot)}
+    res = {"prompts": len(toks), "merged_vs_hot": compare(hot, cold), "adapter_effect": compare(plain, hot)}
+    res["adapter_kept"] = adapter_kept(res["merged_vs_hot"]["top1"], res["adapter_effect"]["top1"])
+    return res
+
+
+def adapter_kept(merged_vs_hot_top1: float, base_vs_hot_top1: float) -> float | None:
+    """Share of the adapter's top-1 changes the merged model reproduces: 1 when it agrees with
+    base + hot adapters everywhere, 0 when it agrees no more often than the bare base does.
+    Re-quantizing to a 4-bit type rounds most of a LoRA delta away (it is smaller than the
+    quantization step), which this makes visible."""
+    moved = 1.0 - base_vs_hot_top1
+    if moved <= 0:
+        return None
+    return round(max(0.0, (merged_vs_hot_top1 - base_vs_hot_top1) / moved), 4)
 
 
 def merge_adapter(base_path: str | os.PathLike, adapter_path: str | os.PathLike, out: str | os.PathLike, *,

@@ -14,6 +14,8 @@ import ctypes
 import json
 import logging
 import os
+import sys
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -50,6 +52,71 @@ if _adapter_init is None or (_set_adapters is None and _set_adapter_one is None)
     raise ImportError(f"llama-cpp-python {VERSION} has no LoRA adapter API that edgeft knows")
 
 
+# -- llama.cpp's log -----------------------------------------------------------------------
+# Every log line of llama.cpp (debug included) is formatted and handed to one callback. The one
+# llama-cpp-python installs is Python, and a change of the adapter set alone emits ~470 debug
+# lines (the scheduler re-reserve lists each input tensor), so that callback was a measurable
+# share of the first request after a swap. edgeft installs its own: quiet by default (it keeps
+# the last error lines for error messages), printing with EDGEFT_VERBOSE=1 (2 adds debug).
+_GGML_DEBUG, _GGML_INFO, _GGML_ERROR, _GGML_CONT = 1, 2, 4, 5  # enum ggml_log_level (ggml.h)
+_last_errors: deque[str] = deque(maxlen=8)
+_verbosity = 0
+_last_level = _GGML_INFO
+
+
+_reserves = 0
+
+
+@llama_cpp.llama_log_callback
+def _log_callback(level: int, text: bytes, user_data) -> None:
+    global _last_level, _reserves
+    if level != _GGML_CONT:
+        _last_level = level
+    if level == _GGML_INFO and text.startswith(b"sched_reserve: reserving"):
+        _reserves += 1
+    if _last_level == _GGML_ERROR:
+        _last_errors.append(text.decode("utf-8", "replace").strip())
+    if _verbosity and (_last_level != _GGML_DEBUG or _verbosity > 1):
+        sys.stderr.write(text.decode("utf-8", "replace"))
+
+
+def set_log_verbosity(level: int) -> None:
+    """0: quiet, 1: llama.cpp's info, warnings and errors on stderr, 2: and its debug lines."""
+    global _verbosity
+    _verbosity = level
+    llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+
+
+def scheduler_reserves() -> int:
+    """How many times llama.cpp has re-reserved a context's compute scheduler (from its log):
+    what a change of the adapter set costs on the next decode, unless the build carries
+    edgeft's patch and the new set has the old one's shapes."""
+    return _reserves
+
+
+def patch_level() -> int:
+    """Which of edgeft's llama.cpp patches (cmake/patches) this build carries: 0 for a stock
+    build, 1 when swapping same-shape adapter sets skips the scheduler re-reserve."""
+    fn = getattr(llama_cpp.llama_cpp._lib, "edgeft_llama_patch_level", None)
+    if fn is None:
+        return 0
+    fn.restype, fn.argtypes = ctypes.c_int32, []
+    return int(fn())
+
+
+def last_llama_error() -> str:
+    """llama.cpp's most recent error line (for messages that would otherwise say only 'failed')."""
+    return next((e for e in reversed(_last_errors) if e), "")
+
+
+def _env_verbosity() -> int:
+    v = os.environ.get("EDGEFT_VERBOSE", "").strip()
+    return 0 if not v else int(v) if v.isdigit() else 1
+
+
+set_log_verbosity(_env_verbosity())
+
+
 def system_info() -> str:
     return llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip()
 
@@ -70,6 +137,7 @@ def api_names() -> dict[str, str]:
         "adapter_init": getattr(_adapter_init, "__name__", "?"),
         "set_adapters": getattr(_set_adapters or _set_adapter_one, "__name__", "?"),
         "memory": "llama_memory_*" if _memory_clear else "llama_kv_*",
+        "patch_level": str(patch_level()),
     }
 
 
@@ -189,6 +257,9 @@ class Backend:
                  n_batch: int = 512, n_gpu_layers: int = 0, use_mmap: bool = True,
                  use_mlock: bool = False, flash_attn: bool = False, verbose: bool = False):
         threads = n_threads or max(1, (os.cpu_count() or 2))
+        if verbose and not _verbosity:
+            set_log_verbosity(1)
+        _last_errors.clear()
         try:
             self.llm = llama_cpp.Llama(
                 model_path=str(model_path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
@@ -196,7 +267,8 @@ class Backend:
                 use_mmap=use_mmap, use_mlock=use_mlock, flash_attn=flash_attn, verbose=verbose,
             )
         except (ValueError, RuntimeError, OSError) as e:
-            raise ModelError(f"llama.cpp could not load {model_path}: {e}",
+            why = last_llama_error()
+            raise ModelError(f"llama.cpp could not load {model_path}: {why or e}",
                              "the file is damaged or its architecture is not supported by this llama.cpp build") from None
         self.model = self.llm._model.model
         self.ctx = self.llm._ctx.ctx
@@ -321,10 +393,12 @@ class Backend:
 
     # -- adapters -----------------------------------------------------------------------
     def adapter_load(self, path: str) -> Any:
+        _last_errors.clear()
         handle = _adapter_init(self.model, str(path).encode("utf-8"))
         if not handle:
-            raise AdapterError(f"llama.cpp refused the adapter {path}",
-                               "it does not fit this base model; run with EDGEFT_VERBOSE=1 to see llama.cpp's reason")
+            why = last_llama_error()
+            raise AdapterError(f"llama.cpp refused the adapter {path}" + (f": {why}" if why else ""),
+                               "it does not fit this base model; run with EDGEFT_VERBOSE=1 to see llama.cpp's log")
         return handle
 
     def adapter_free(self, handle: Any) -> None:

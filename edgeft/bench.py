@@ -340,6 +340,7 @@ def machine_info(threads: int) -> dict:
         "ram_mb": total_mb,
         "llama_cpp_python": _llama.VERSION,
         "llama_cpp_features": _llama.system_info(),
+        "llama_cpp_patch_level": _llama.patch_level(),  # cmake/patches: 1 = same-shape swaps skip the re-reserve
         "gpu_offload": _llama.supports_gpu_offload(),
         "python": platform.python_version(),
         "numpy": np.__version__,
@@ -457,15 +458,18 @@ def _swap_penalty(eng, a: dict, b: dict, prompt: str, pairs: int) -> dict:
       reuses its compute graph): the best case, and the baseline of the headline penalty;
     - no swap, graph rebuilt: the previous request was another prompt under the same set (what
       any new prompt costs anyway);
-    - right after switching to the other set (llama.cpp re-reserves its scheduler and rebuilds
-      the graph at the next decode, on top of the swap itself).
+    - right after switching to the other set (the next decode rebuilds the graph; a stock
+      llama.cpp also re-reserves its scheduler, which edgeft's patch skips for same-shape sets).
     """
+    from . import _llama
+
     _request(eng, prompt, a)
     _request(eng, prompt, b)
     _request(eng, prompt, a)
     cur, other = a, b
     v: dict[str, list[float]] = {}
     tokens = None
+    reserves0 = _llama.scheduler_reserves()
     for _ in range(pairs):
         eng.reset()
         r0 = _request(eng, prompt, cur)
@@ -485,6 +489,9 @@ def _swap_penalty(eng, a: dict, b: dict, prompt: str, pairs: int) -> dict:
             v.setdefault(k, []).append(x)
         cur, other = other, cur
     return {"prompt_tokens": tokens, "pairs": pairs,
+            # llama.cpp scheduler re-reserves per swap: 1 on a stock build, 0 with edgeft's patch
+            # when the two sets have the same shapes (cmake/patches)
+            "scheduler_reserves_per_swap": round((_llama.scheduler_reserves() - reserves0) / max(pairs, 1), 2),
             "request_ms_noswap": dist(v["noswap"]), "request_ms_noswap_graph_rebuilt": dist(v["noswap_rebuilt"]),
             "request_ms_after_swap": dist(v["swap"]),
             "penalty_ms": dist(v["penalty"]), "penalty_vs_graph_rebuilt_ms": dist(v["penalty_rebuilt"]),
@@ -892,8 +899,14 @@ def run_bench(base: str | None = None, adapters: Sequence[str] | None = None, *,
             fsum = sum(files_mb[: pt["n"]])
             with_ad.append({"n": pt["n"], "mb": pt["mb"], "added_mb": added, "files_mb": fsum,
                             "added_over_file": added / fsum})
+        # What each resident adapter adds is the slope from the first to the last point; the first
+        # adapter also pays a one-time cost (the validation code's first use: Python heap, ~2.5 MB),
+        # reported on its own instead of being charged to every adapter.
+        lo, hi = with_ad[0], with_ad[-1]
+        slope = (hi["added_mb"] - lo["added_mb"]) / (hi["files_mb"] - lo["files_mb"]) if hi is not lo else lo["added_over_file"]
         rss = {"process": mem["process_mb"], "base": mem["base_mb"], "with_adapters": with_ad,
-               "per_adapter_over_file": max(p["added_over_file"] for p in with_ad)}
+               "per_adapter_over_file": round(slope, 4),
+               "first_adapter_extra_mb": round(lo["added_mb"] - slope * lo["files_mb"], 2)}
         if merged_path is not None:
             say("memory: one merged model per task")
             detail = _merged_memory(merged_path, work, common, counts, prof, mem, quick)

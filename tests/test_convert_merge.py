@@ -150,3 +150,13 @@ def test_real_base_merge_same_quant(tmp_path, base_path):
     c = res.cost["merged_vs_hot"]
     # the cost of re-quantizing the merged tensors to Q4_1
     assert c["top1"] >= 0.85 and c["kl_mean"] < 0.05, res.cost
+
+
+def test_adapter_kept_measures_how_much_of_the_adapter_survives_the_merge():
+    from edgeft.convert.merge import adapter_kept
+
+    assert adapter_kept(1.0, 0.35) == 1.0            # merged == base + hot adapter everywhere
+    assert adapter_kept(0.35, 0.35) == 0.0           # merged agrees no more than the bare base
+    assert adapter_kept(0.30, 0.35) == 0.0
+    assert adapter_kept(0.4365, 0.3511) == pytest.approx(0.1316, abs=1e-3)  # sentiment merged into Q4_1
+    assert adapter_kept(0.9, 1.0) is None            # an adapter that changes nothing

@@ -76,6 +76,42 @@ def test_kv_invalidated_on_swap_matches_fresh_engines(base_path, adapters):
         assert r.reused_prefix == 0
 
 
+def test_same_shape_swaps_are_exact_and_skip_the_reserve_when_patched(base_path, tmp_path):
+    """Adapters of one shape (same tensors, rank, dtype) swapped back and forth: every logit equals
+    a fresh engine's under that set. With edgeft's llama.cpp patch such swaps skip the scheduler
+    re-reserve (the first-request penalty); a set of another shape still re-reserves."""
+    from edgeft import _llama
+
+    s1 = write_adapter(tmp_path / "s1.gguf", base_path, seed=11, b_std=0.05)
+    s2 = write_adapter(tmp_path / "s2.gguf", base_path, seed=12, b_std=0.05)
+    other = write_adapter(tmp_path / "o.gguf", base_path, seed=13, b_std=0.05, rank=4)
+    expected = {}
+    with Engine(str(base_path), n_ctx=512, n_threads=2) as e:
+        toks = e.tokenize("Swapping adapters of one shape must not change what each one computes.")
+    sels = [("s1", 1.0), ("s2", 1.0), ("s1", 0.5), ("s2", 1.0), ("s1", 1.0)]
+    for name, scale in set(sels):
+        with Engine(str(base_path), n_ctx=512, n_threads=2) as fresh:
+            p = {"s1": s1, "s2": s2}[name]
+            fresh.load_adapter(p)
+            expected[(name, scale)] = fresh.logits(toks, adapter={name: scale})
+    assert np.abs(expected[("s1", 1.0)] - expected[("s2", 1.0)]).max() > 0.5  # the two really differ
+    with Engine(str(base_path), n_ctx=512, n_threads=2) as e:
+        for p in (s1, s2, other):
+            e.load_adapter(p)
+        e.logits(toks, adapter={"s1": 1.0})
+        before = _llama.scheduler_reserves()
+        for name, scale in sels:
+            np.testing.assert_array_equal(e.logits(toks, adapter={name: scale}), expected[(name, scale)])
+        same_shape_reserves = _llama.scheduler_reserves() - before
+        e.logits(toks, adapter={"o": 1.0})
+        assert _llama.scheduler_reserves() - before == same_shape_reserves + 1  # another shape re-reserves
+        np.testing.assert_array_equal(e.logits(toks, adapter={"s2": 1.0}), expected[("s2", 1.0)])
+    if _llama.patch_level() >= 1:
+        assert same_shape_reserves == 0
+    else:  # a stock build re-reserves on every change of the set (the first entry is no change)
+        assert same_shape_reserves == sum(a != b for a, b in zip([("s1", 1.0)] + sels, sels)) == 4
+
+
 def test_logits_follow_adapter_set(engine, adapters):
     toks = engine.tokenize("The quick brown fox")
     base = engine.logits(toks, adapter=None)

@@ -98,6 +98,13 @@ def merge(
         typer.echo(f"  merged vs base + hot adapters: top-1 {c['top1'] * 100:.2f}%  mean KL {c['kl_mean']:.2e} "
                    f"({c['positions']} positions)")
         typer.echo(f"  (the adapters themselves move top-1 by {100 - e['top1'] * 100:.2f} points, mean KL {e['kl_mean']:.2e})")
+        kept = res.cost.get("adapter_kept")
+        if kept is not None:
+            typer.echo(f"  the merged model reproduces {kept * 100:.0f}% of the adapters' top-1 changes")
+            if kept < 0.5:
+                typer.echo(f"warning: re-quantizing to {'/'.join(sorted(set(res.types.values())))} rounded most of the "
+                           "adapters' change away (it is smaller than the quantization step); merge with --quant q8_0 "
+                           "or f16, or keep the adapter hot", err=True)
 
 
 def quantize(
