@@ -4,6 +4,8 @@ The adapters are read from their GGUF (already in the base's layout: q/k rows pe
 scales folded), so the delta is exactly what llama.cpp adds at run time with the same user
 scale. Only adapted tensors change; every other tensor and all metadata are copied byte for byte.
 
+--quant auto (default): adapted tensors of 4/5-bit types become Q8_0, 8-bit and float ones keep
+their type (a LoRA delta is smaller than a 4-bit quantization step and would round away).
 --quant same: adapted tensors go back to their own type (numpy for the types gguf quantizes;
 llama.cpp's quantizer otherwise). Other types re-quantize the whole model (`quantize` module).
 The cost of merging is measured against base + hot adapters on the verify prompt set.
@@ -36,6 +38,7 @@ from .quantize import (LLAMA_TYPES, NUMPY_TYPES, can_quantize, choose_type, enco
 log = logging.getLogger(__name__)
 
 Q = gguf.GGMLQuantizationType
+KEEP_ON_MERGE = (Q.F32, Q.F16, Q.BF16, Q.Q8_0)  # types precise enough to hold a LoRA delta
 _FLOAT = (Q.F32, Q.F16, Q.BF16)
 
 
@@ -111,13 +114,13 @@ def adapter_deltas(base_h: GGUFHeader, base_sha: str, adapters: dict[str, float]
 
 
 def merge_adapters(base: str | os.PathLike | None, adapters: Sequence[str] | Mapping[str, float],
-                   out: str | os.PathLike, *, quant: str = "same", force: bool = False,
+                   out: str | os.PathLike, *, quant: str = "auto", force: bool = False,
                    adapter_dirs: Sequence[str | os.PathLike] = (), report: bool = True,
                    threads: int | None = None, progress: Progress | None = None) -> MergeResult:
     """Merge adapters into `base` and write `out` (atomically); optionally measure the cost."""
     t0 = time.perf_counter()
     quant = quant.strip().lower()
-    if quant != "same":
+    if quant not in ("same", "auto"):
         quant = normalize_type(quant)
     spec = parse_adapters(adapters)
     bm = resolve_base(base)
@@ -135,7 +138,15 @@ def merge_adapters(base: str | os.PathLike | None, adapters: Sequence[str] | Map
         return read_tensor(h, name) + deltas[name]
 
     engine = "numpy"
-    if quant == "same":
+    if quant == "auto":
+        # A LoRA delta is smaller than a 4/5-bit quantization step: put back into such a type, most
+        # of it rounds away (the shipped sentiment adapter merged into Q4_1 keeps 13% of its effect,
+        # dev accuracy 0.355 instead of 0.885). Adapted tensors of such types become Q8_0 (91%,
+        # 0.880); 8-bit and float tensors keep their type; every other tensor is copied.
+        types = {n: h.tensors[n].type if h.tensors[n].type in KEEP_ON_MERGE
+                 else Q.Q8_0 if h.tensors[n].shape[0] % 32 == 0 else Q.F16 for n in deltas}
+        rewrite_gguf(h, out, types=types, produce=lambda n: encode(merged(n), types[n]), progress=progress)
+    elif quant == "same":
         types = {n: h.tensors[n].type for n in deltas}
         hard = sorted({t.name for t in types.values() if not can_quantize(t)})
         if not hard:
@@ -213,7 +224,7 @@ def adapter_kept(merged_vs_hot_top1: float, base_vs_hot_top1: float) -> float | 
 
 
 def merge_adapter(base_path: str | os.PathLike, adapter_path: str | os.PathLike, out: str | os.PathLike, *,
-                  scale: float = 1.0, quant: str = "same") -> Path:
+                  scale: float = 1.0, quant: str = "auto") -> Path:
     """One adapter (bundle folder or .gguf) merged into a base file, no cost report; returns `out`.
 
     The simple form the runtime's benchmark calls; `merge_adapters` is the full one.

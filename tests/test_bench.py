@@ -166,7 +166,8 @@ def test_bench_quick_json(tmp_path, base_path):
         _num(r["prefill_tps"][k])
     for k in ("base", "adapter", "two_adapters", "merged"):
         _num(r["decode_tps"][k], 0, 10_000)
-    assert r["merged"]["reason"] is None and r["merged"]["file_mb"] == pytest.approx(r["base"]["file_mb"], rel=0.01)
+    # merged with edgeft merge's default: the adapted tensors in Q8_0, so larger than the Q4_1 base
+    assert r["merged"]["reason"] is None and r["base"]["file_mb"] < r["merged"]["file_mb"] < 2 * r["base"]["file_mb"]
 
     rss = r["rss_mb"]
     _num(rss["base"], rss["process"])

@@ -170,8 +170,11 @@ def test_chat_ctrl_c_stops_answer_not_session(base_path):
     import signal
     import time
 
+    # a shell that starts the tests in the background makes them ignore SIGINT, and the child
+    # would inherit that: give it the default disposition, as a terminal would
     p = subprocess.Popen([*EDGEFT, "chat", "--max-tokens", "2000"], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         p.stdin.write(b"Write a very long story about a dragon and a knight.\n")
         p.stdin.flush()

@@ -42,7 +42,7 @@ def raw_kv(path: Path) -> dict[str, bytes]:
 def test_merged_equals_hot_adapters(tmp_path, bundles):
     base, b = bundles
     res = merge_adapters(str(base), [f"{b['seven']}=0.7", f"{b['qk']}=1.5"], tmp_path / "m.gguf")
-    assert res.quant == "same" and set(res.types.values()) == {"F32"} and res.engine == "numpy"
+    assert res.quant == "auto" and set(res.types.values()) == {"F32"} and res.engine == "numpy"  # f32 base: kept
     assert res.adapters == {"seven": 0.7, "qk": 1.5}
     # merged vs hot, measured by merge itself on the prompt set, and here on TOKENS
     assert res.cost["merged_vs_hot"]["top1"] >= 0.995 and res.cost["merged_vs_hot"]["kl_mean"] < 1e-5
@@ -141,7 +141,7 @@ def test_real_base_merge_same_quant(tmp_path, base_path):
 
     peft_dir = write_synthetic_adapter(read_header(base_path), tmp_path / "peft")
     bundle = convert_adapter(peft_dir, str(base_path), name="syn", out_dir=tmp_path / "syn").folder
-    res = merge_adapters(str(base_path), [str(bundle)], tmp_path / "m.gguf")
+    res = merge_adapters(str(base_path), [str(bundle)], tmp_path / "m.gguf", quant="same")
     assert set(res.types.values()) == {"Q4_1"} and len(res.merged) == 210
     h0, h1 = read_header(base_path), read_header(tmp_path / "m.gguf")
     assert h1.tensors["token_embd.weight"].offset - h1.data_start == h0.tensors["token_embd.weight"].offset - h0.data_start
@@ -160,3 +160,21 @@ def test_adapter_kept_measures_how_much_of_the_adapter_survives_the_merge():
     assert adapter_kept(0.30, 0.35) == 0.0
     assert adapter_kept(0.4365, 0.3511) == pytest.approx(0.1316, abs=1e-3)  # sentiment merged into Q4_1
     assert adapter_kept(0.9, 1.0) is None            # an adapter that changes nothing
+
+
+@pytest.mark.slow
+def test_auto_merge_keeps_a_trained_adapter_that_q4_would_lose(tmp_path, base_path):
+    """The shipped sentiment adapter: merged back into Q4_1 most of its effect rounds away; the
+    default (auto: adapted tensors to Q8_0) keeps it."""
+    from pathlib import Path
+
+    shipped = Path(__file__).resolve().parent.parent / "models" / "adapters" / "sentiment"
+    auto = merge_adapters(str(base_path), [str(shipped)], tmp_path / "auto.gguf", threads=2)
+    assert auto.quant == "auto" and set(auto.types.values()) == {"Q8_0"} and len(auto.merged) == 210
+    h0, h1 = read_header(base_path), read_header(tmp_path / "auto.gguf")
+    assert np.array_equal(tensor_bytes(h0, "token_embd.weight"), tensor_bytes(h1, "token_embd.weight"))
+    same = merge_adapters(str(base_path), [str(shipped)], tmp_path / "same.gguf", quant="same", threads=2)
+    assert set(same.types.values()) == {"Q4_1"}
+    assert auto.cost["adapter_effect"]["top1"] < 0.9  # the adapter changes many top-1 tokens
+    assert auto.cost["adapter_kept"] >= 0.8, auto.cost
+    assert same.cost["adapter_kept"] < 0.5, same.cost

@@ -69,7 +69,7 @@ def merge(
     adapter: Annotated[list[str], typer.Option("--adapter", "-a", help="Adapter NAME[=SCALE] to merge (registered name, bundle folder or .gguf). Repeat to merge several.")],
     out: Annotated[Path, typer.Option("--output", "-o", help="Merged model .gguf to write.")],
     base: Base = None,
-    quant: Annotated[str, typer.Option("--quant", "-q", help="Type of the merged model: same (adapted tensors keep their type), f16, q8_0, q4_1, q4_k_m, ...")] = "same",
+    quant: Annotated[str, typer.Option("--quant", "-q", help="auto: adapted tensors of 4/5-bit types become q8_0 (a LoRA delta rounds away at 4 bits), the rest is copied; same: adapted tensors keep their type (smallest, loses most of the adapter on a 4-bit base); or a type for the whole model: f16, q8_0, q4_1, q4_k_m, ...")] = "auto",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output; merge adapters made for another base sha256.")] = False,
     report: Annotated[bool, typer.Option("--report/--no-report", help="Measure the merged model against base + hot adapters.")] = True,
     adapter_dir: AdapterDir = None,
