@@ -47,8 +47,8 @@ if [ -z "$wheel" ]; then
   trap 'rm -rf "$tmp"' EXIT
   "$vpy" -m pip download -q --no-deps --no-binary :all: --disable-pip-version-check \
     "llama-cpp-python==$lcp_version" -d "$tmp/sdist"
-  tar xzf "$tmp"/sdist/llama_cpp_python-"$lcp_version".tar.gz -C "$tmp"
-  src="$tmp/llama_cpp_python-$lcp_version"
+  tar xzf "$(ls "$tmp"/sdist/*.tar.gz | head -1)" -C "$tmp"
+  src=$(ls -d "$tmp"/llama*cpp*python-"$lcp_version" | head -1)
   for p in $patches; do
     echo "setup.sh: applying $p"
     (cd "$src" && git apply --directory=vendor/llama.cpp -p1 "$root/$p")
@@ -60,7 +60,8 @@ if [ -z "$wheel" ]; then
   wheel="$wheel_dir/$(basename "$built")"
 fi
 echo "setup.sh: llama-cpp-python from $wheel"
-# --force-reinstall: the same version built with other flags or patches must replace the old one
+"$vpy" -m pip install -q "$wheel"  # with its dependencies
+# the same version built with other flags or patches must replace an installed one
 "$vpy" -m pip install -q --force-reinstall --no-deps "$wheel"
 # torch pinned here, not in the extras: an unpinned torch may resolve to a multi-GB CUDA build.
 "$vpy" -m pip install -q "torch==${EDGEFT_TORCH_VERSION:-2.13.0}"
