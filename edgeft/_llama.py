@@ -53,17 +53,16 @@ if _adapter_init is None or (_set_adapters is None and _set_adapter_one is None)
 
 
 # -- llama.cpp's log -----------------------------------------------------------------------
-# Every log line of llama.cpp (debug included) is formatted and handed to one callback. The one
-# llama-cpp-python installs is Python, and a change of the adapter set alone emits ~470 debug
-# lines (the scheduler re-reserve lists each input tensor), so that callback was a measurable
-# share of the first request after a swap. edgeft installs its own: quiet by default (it keeps
-# the last error lines for error messages), printing with EDGEFT_VERBOSE=1 (2 adds debug).
+# Every log line of llama.cpp (debug included) is formatted and handed to one callback; a change
+# of the adapter set alone emits ~470 debug lines (the scheduler re-reserve lists each input
+# tensor). llama-cpp-python's callback maps the levels of an older ggml (debug shows as info).
+# edgeft installs its own: quiet by default, it keeps the last error lines for error messages
+# and counts scheduler re-reserves (the bench reports them); EDGEFT_VERBOSE=1 prints llama.cpp's
+# info, warnings and errors, EDGEFT_VERBOSE=2 its debug lines too.
 _GGML_DEBUG, _GGML_INFO, _GGML_ERROR, _GGML_CONT = 1, 2, 4, 5  # enum ggml_log_level (ggml.h)
 _last_errors: deque[str] = deque(maxlen=8)
 _verbosity = 0
 _last_level = _GGML_INFO
-
-
 _reserves = 0
 
 
