@@ -739,7 +739,7 @@ def run_bench(base: str | None = None, adapters: Sequence[str] | None = None, *,
 
         # -- adapter load from disk -----------------------------------------------------------
         say("adapter loads")
-        ad_ll, ad_total = [], []
+        ad_ll, ad_total, ad_first = [], [], []
         names = []
         for name, path, _ in refs:
             for i in range(reps + 2):
@@ -749,11 +749,14 @@ def run_bench(base: str | None = None, adapters: Sequence[str] | None = None, *,
                 if i:
                     ad_ll.append(eng.adapters[name].load_ms)
                     ad_total.append(total)
+                else:  # a file this engine has not seen: edgeft's full validation runs
+                    ad_first.append(total)
                 if i < reps + 1:
                     eng.unload_adapter(name)
             names.append(name)
         res["load_ms"] = {"base": _med(load_ms), "base_dist": dist(load_ms),
-                          "adapter": dist(ad_ll), "adapter_with_validation": dist(ad_total)}
+                          "adapter": dist(ad_ll), "adapter_with_validation": dist(ad_total),
+                          "adapter_first_load": dist(ad_first)}
 
         a_sel = {names[0]: 1.0}
         b_sel = {names[1]: 1.0} if len(names) > 1 else {}
