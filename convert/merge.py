@@ -24,7 +24,7 @@ from typing import Mapping, Sequence
 import gguf
 import numpy as np
 
-from edgeft.errors import ConversionError
+from edgeft.errors import ConversionError, InputError
 from edgeft.gguf_info import inspect_adapter
 from edgeft.models import resolve_base
 
@@ -56,19 +56,14 @@ class MergeResult:
 
 
 def parse_adapters(specs: Sequence[str] | Mapping[str, float]) -> dict[str, float]:
-    """["ner", "style=0.5"] or {"ner": 1.0} -> {ref: scale} (same syntax as the runtime)."""
-    if isinstance(specs, Mapping):
-        return {str(k): float(v) for k, v in specs.items()}
-    out: dict[str, float] = {}
-    for s in specs:
-        for item in (p.strip() for p in str(s).split(",")):
-            if not item:
-                continue
-            ref, _, scale = item.rpartition("=") if "=" in item else (item, "", "1")
-            try:
-                out[ref.strip()] = float(scale)
-            except ValueError:
-                raise ConversionError(f"bad adapter scale in '{item}'", "write NAME or NAME=SCALE, e.g. ner=0.5") from None
+    """["ner=1", "style=0.5"] / "ner,style=0.5" / {"ner": 1.0} -> {ref: scale}: the runtime's
+    adapter syntax (edgeft.engine.parse_adapter_spec), with merge's own errors."""
+    from edgeft.engine import parse_adapter_spec  # here: importing the engine loads llama.cpp
+
+    try:
+        out = parse_adapter_spec(specs)
+    except InputError as e:
+        raise ConversionError(e.message, e.hint) from None
     if not out:
         raise ConversionError("no adapter to merge", "pass --adapter NAME[=SCALE] (repeatable)")
     return out

@@ -147,11 +147,16 @@ def test_swap_cost_is_small_and_counted(engine, adapters):
     assert all(ms >= 0 for ms in engine.stats.swap_ms)
 
 
+def _resident_mb(base_path, path) -> float:
+    """What one adapter counts against the memory budget."""
+    with Engine(str(base_path), n_ctx=512, n_threads=2) as probe:
+        name = probe.load_adapter(path)
+        return probe.adapters[name].mb
+
+
 def test_lru_budget_evicts_least_recently_used(base_path, tmp_path):
     paths = [write_adapter(tmp_path / f"r{i}.gguf", base_path, seed=i, rank=4) for i in range(3)]
-    with Engine(str(base_path), n_ctx=512, n_threads=2) as probe:
-        name = probe.load_adapter(paths[0])
-        one_mb = probe.adapters[name].mb
+    one_mb = _resident_mb(base_path, paths[0])
     with Engine(str(base_path), n_ctx=512, n_threads=2, memory_budget_mb=one_mb * 2.5) as e:
         e.load_adapter(paths[0])
         e.load_adapter(paths[1])
@@ -169,9 +174,7 @@ def test_lru_budget_evicts_least_recently_used(base_path, tmp_path):
 def test_reload_after_eviction_revalidates_a_changed_file(base_path, tmp_path):
     """Reloads skip the full validation only while the file is the one validated before."""
     paths = [write_adapter(tmp_path / f"v{i}.gguf", base_path, seed=i, rank=4) for i in range(2)]
-    with Engine(str(base_path), n_ctx=512, n_threads=2) as probe:
-        name = probe.load_adapter(paths[0])
-        one_mb = probe.adapters[name].mb
+    one_mb = _resident_mb(base_path, paths[0])
     with Engine(str(base_path), n_ctx=512, n_threads=2, memory_budget_mb=one_mb * 1.5) as e:
         e.load_adapter(paths[0])
         e.load_adapter(paths[1])                       # evicts v0
