@@ -95,11 +95,53 @@ def scheduler_reserves() -> int:
 
 def patch_level() -> int:
     """Which of edgeft's llama.cpp patches (cmake/patches) this build carries: 0 for a stock
-    build, 1 when swapping same-shape adapter sets skips the scheduler re-reserve."""
+    build, 1 when swapping same-shape adapter sets skips the scheduler re-reserve, 2 when the
+    CPU backend also fuses each adapter's LoRA ops for single-token decode."""
     fn = getattr(llama_cpp.llama_cpp._lib, "edgeft_llama_patch_level", None)
     if fn is None:
         return 0
     fn.restype, fn.argtypes = ctypes.c_int32, []
+    return int(fn())
+
+
+def lora_decode_fused() -> bool:
+    """Whether decode on the CPU runs each adapter's LoRA ops as one fused op (patch 0002), as
+    opposed to four graph nodes per adapted matrix. GGML_CPU_DISABLE_FUSION=1 (ggml's switch
+    for all its CPU fusions) turns it off."""
+    return patch_level() >= 2 and os.environ.get("GGML_CPU_DISABLE_FUSION", "").strip() != "1"
+
+
+def _ggml_cpu_lib() -> ctypes.CDLL | None:
+    """The ggml CPU backend library that libllama runs on, if it is loaded. Wheels may hold
+    copies of it under several names (libggml-cpu.so, .so.0, ...); opening another copy would
+    load a second instance, so only an already loaded one is taken (RTLD_NOLOAD), by soname
+    first."""
+    lib_path = getattr(llama_cpp.llama_cpp._lib, "_name", None)
+    if not lib_path:
+        return None
+    folder = os.path.dirname(lib_path)
+    try:
+        files = sorted((f for f in os.listdir(folder) if "ggml-cpu" in f), key=len, reverse=True)
+    except OSError:
+        files = []
+    candidates = ["libggml-cpu.so.0", "libggml-cpu.0.dylib", *(os.path.join(folder, f) for f in files)]
+    mode = getattr(os, "RTLD_NOLOAD", 0) | getattr(os, "RTLD_LAZY", 1)
+    for name in candidates:
+        try:
+            return ctypes.CDLL(name, mode=mode)
+        except OSError:
+            continue
+    return None
+
+
+def lora_fused_chains() -> int | None:
+    """How many single-token LoRA chains the CPU backend has fused in this process (patch
+    0002), or None when the build has no such counter. Tests use it to see the fusion engage."""
+    lib = _ggml_cpu_lib()
+    fn = getattr(lib, "ggml_cpu_lora_fused_chains", None) if lib is not None else None
+    if fn is None:
+        return None
+    fn.restype, fn.argtypes = ctypes.c_int64, []
     return int(fn())
 
 
@@ -137,6 +179,7 @@ def api_names() -> dict[str, str]:
         "set_adapters": getattr(_set_adapters or _set_adapter_one, "__name__", "?"),
         "memory": "llama_memory_*" if _memory_clear else "llama_kv_*",
         "patch_level": str(patch_level()),
+        "lora_decode": "fused (patch 0002)" if lora_decode_fused() else "graph ops",
     }
 
 

@@ -341,6 +341,7 @@ def machine_info(threads: int) -> dict:
         "llama_cpp_python": _llama.VERSION,
         "llama_cpp_features": _llama.system_info(),
         "llama_cpp_patch_level": _llama.patch_level(),  # cmake/patches: 1 = same-shape swaps skip the re-reserve
+        "lora_decode_fused": _llama.lora_decode_fused(),  # patch 0002 active: one op per LoRA chain in CPU decode
         "gpu_offload": _llama.supports_gpu_offload(),
         "python": platform.python_version(),
         "numpy": np.__version__,
@@ -577,17 +578,42 @@ def _reload_per_switch(base_path: Path, prof: Profile, gpu_layers: int, adapter_
     return {"switch_ms": dist(switch), "first_request_ms": dist(first), "use_mmap": use_mmap}
 
 
-def _child(spec: dict) -> dict:
-    """Run `_memory_probe(spec)` in a fresh Python process (clean heap, clean RSS)."""
-    code = ("import json, sys; from edgeft.bench import _memory_probe; "
-            "json.dump(_memory_probe(json.loads(sys.argv[1])), sys.stdout)")
-    env = dict(os.environ)
-    env.pop("EDGEFT_VERBOSE", None)
+def _child(spec: dict, probe: str = "_memory_probe", env: dict[str, str] | None = None) -> dict:
+    """Run `probe(spec)` (a function of this module) in a fresh Python process: clean heap and
+    RSS, or environment that llama.cpp reads once at start-up (`env`)."""
+    code = ("import json, sys; from edgeft import bench; "
+            f"json.dump(bench.{probe}(json.loads(sys.argv[1])), sys.stdout)")
+    child_env = dict(os.environ)
+    child_env.pop("EDGEFT_VERBOSE", None)
+    child_env.update(env or {})
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True,
-                          timeout=600, env=env)
+                          timeout=600, env=child_env)
     if proc.returncode != 0:
-        raise RuntimeError(f"memory probe failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+        raise RuntimeError(f"{probe} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
     return json.loads(proc.stdout)
+
+
+def _decode_pairs_probe(spec: dict) -> dict:
+    """In a fresh process: llama.cpp decode with each adapter relative to none, in back-to-back
+    pairs (the `_decode_sweep` method), for a process whose environment differs (e.g. ggml's
+    CPU fusions off)."""
+    from . import _llama
+    from .engine import Engine
+
+    with Engine(spec["base"], n_ctx=spec["n_ctx"], n_threads=spec["threads"]) as eng:
+        for name, path in spec["adapters"].items():
+            eng.load_adapter(path, name=name)
+        for name in spec["adapters"]:
+            _raw_decode(eng, {name: 1.0}, 4)  # graphs built outside the timing
+        ratio: dict[str, list[float]] = {name: [] for name in spec["adapters"]}
+        for _ in range(spec["rounds"]):
+            for name in spec["adapters"]:
+                w0, _ = _raw_decode(eng, {}, spec["tokens"])
+                w1, _ = _raw_decode(eng, {name: 1.0}, spec["tokens"])
+                ratio[name].append(w1 / w0)
+    return {"lora_decode_fused": _llama.lora_decode_fused(),
+            "ratio": {k: _med(v) for k, v in ratio.items()},
+            "ratio_p10_p90": {k: [float(np.percentile(v, 10)), float(np.percentile(v, 90))] for k, v in ratio.items()}}
 
 
 def _memory_probe(spec: dict) -> dict:
@@ -961,6 +987,8 @@ def _decode_sweep(eng, base_path: Path, work: Path, reps: int, say: Progress) ->
     """llama.cpp decode speed with one rank-8 adapter relative to none, per adapter dtype x
     target set. Each measurement is a pair run back to back (none, then the adapter), so the
     machine's load changes little within a pair; ratio = median over rounds of the pair ratios."""
+    from . import _llama
+
     variants = []
     for dt in ADAPTER_DTYPES:
         for tname, targets in TARGET_SETS.items():
@@ -991,14 +1019,28 @@ def _decode_sweep(eng, base_path: Path, work: Path, reps: int, say: Progress) ->
         for name in mb:
             eng.unload_adapter(name)
         eng.memory_budget_mb = saved_budget
+    unfused = None
+    if _llama.lora_decode_fused():
+        # the same all-linear rows with llama.cpp's plain graph (4 ops per adapted matrix), in a
+        # child process: ggml reads GGML_CPU_DISABLE_FUSION once, at start-up
+        say("decode sweep, unfused (child process)")
+        spec = {"base": str(base_path), "n_ctx": eng.n_ctx, "threads": eng.n_threads, "rounds": rounds,
+                "tokens": n_dec, "adapters": {name: str(p) for name, _, tname, p in variants if tname == "all7"}}
+        got = _child(spec, "_decode_pairs_probe", env={"GGML_CPU_DISABLE_FUSION": "1"})
+        unfused = [{"dtype": dt, "targets": tname, "ratio": got["ratio"][name],
+                    "ratio_p10_p90": got["ratio_p10_p90"][name]}
+                   for name, dt, tname, _ in variants if name in got["ratio"]]
     rows = [{"dtype": dt, "targets": tname, "rank": 8, "adapter_mb": mb[name],
              "ratio": _med(ratio[name]), "ratio_p10_p90": [float(np.percentile(ratio[name], 10)),
                                                           float(np.percentile(ratio[name], 90))],
              "ratio_cpu": _med(ratio_cpu.get(name, []))}
             for name, dt, tname, _ in variants]
     return {"base_wall_tps": _med(base_wall), "tokens": n_dec, "rounds": rounds, "rows": rows,
+            "lora_decode_fused": _llama.lora_decode_fused(), "unfused_rows": unfused,
             "note": "llama.cpp decode alone, one rank-8 adapter; ratio = tok/s with it / without, median of "
-                    "back-to-back pairs; q8_0 = lora_a in Q8_0, lora_b in F16 (its rows hold only r values)"}
+                    "back-to-back pairs; q8_0 = lora_a in Q8_0, lora_b in F16 (its rows hold only r values); "
+                    "unfused_rows: the same in a child process with GGML_CPU_DISABLE_FUSION=1 (llama.cpp's "
+                    "4 graph ops per adapted matrix instead of edgeft's fused op, cmake/patches 0002)"}
 
 
 def _evictions(eng, refs, budget: float, reps: int, say: Progress) -> dict:

@@ -187,3 +187,20 @@ def test_bench_quick_json(tmp_path, base_path):
     assert all(t["met"] in (True, False, None) for t in r["targets"])
     assert r["evictions"] is None and r["llama_bench"] is None  # laptop profile, no binary given
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_decode_pairs_probe_runs_in_a_child_with_the_fusion_off(tmp_path, base_path):
+    """The sweep's `unfused_rows` come from this child: ggml reads GGML_CPU_DISABLE_FUSION at
+    start-up, so the child (not the parent) must see the environment."""
+    from edgeft import _llama
+
+    p = bench.write_random_adapter(tmp_path / "a.gguf", base_path, rank=8, seed=5)
+    spec = {"base": str(base_path), "n_ctx": 256, "threads": 1, "rounds": 1, "tokens": 4, "adapters": {"a": str(p)}}
+    off = bench._child(spec, "_decode_pairs_probe", env={"GGML_CPU_DISABLE_FUSION": "1"})
+    assert off["lora_decode_fused"] is False
+    _num(off["ratio"]["a"], 0, 10)
+    lo, hi = off["ratio_p10_p90"]["a"]
+    assert lo <= hi
+    on = bench._child(spec, "_decode_pairs_probe")
+    assert on["lora_decode_fused"] is _llama.lora_decode_fused()  # the parent's environment

@@ -59,6 +59,15 @@ def _table(res: dict):
          f"{_fmt(res['bandwidth_gbs'], 'GB/s')} copy bandwidth; edgeft at "
          f"{_fmt(res['decode_bound']['fraction']['base'], '', 2)} of it"),
     ]
+    sweep = res.get("decode_sweep")
+    if sweep:
+        def all7(rows):
+            return {r["dtype"]: r["ratio"] for r in rows or [] if r["targets"] == "all7"}
+        fused, unfused = all7(sweep["rows"]), all7(sweep.get("unfused_rows"))
+        dts = ("f32", "f16", "q8_0")
+        rows.append(("decode, 1 rank-8 all-linear adapter / none", " / ".join(_fmt(fused.get(dt), "x", 2) for dt in dts),
+                     "f32 / f16 / q8_0" + (" (fused); llama.cpp's graph ops: " + " / ".join(_fmt(unfused.get(dt), "x", 2) for dt in dts)
+                                          if unfused else "")))
     lb = res.get("llama_bench")
     if lb:
         rows.append(("llama-bench tg / pp", f"{_fmt(lb['tg_tps'])} / {_fmt(lb['pp_tps'])} tok/s",
