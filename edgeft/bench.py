@@ -995,8 +995,8 @@ def _decode_sweep(eng, base_path: Path, work: Path, reps: int, say: Progress) ->
             name = f"sweep-{dt}-{tname}"
             p = write_random_adapter(work / f"{name}.gguf", base_path, rank=8, targets=targets, seed=7, dtype=dt)
             variants.append((name, dt, tname, p))
-    n_dec = 16
-    rounds = max(5, reps)
+    n_dec = 32
+    rounds = max(8, reps)
     ratio: dict[str, list[float]] = {}
     ratio_cpu: dict[str, list[float]] = {}
     base_wall: list[float] = []
