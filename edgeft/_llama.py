@@ -11,6 +11,7 @@ each is feature-detected once here.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -111,6 +112,7 @@ def lora_decode_fused() -> bool:
     return patch_level() >= 2 and os.environ.get("GGML_CPU_DISABLE_FUSION", "").strip() != "1"
 
 
+@functools.cache
 def _ggml_cpu_lib() -> ctypes.CDLL | None:
     """The ggml CPU backend library that libllama runs on, if it is loaded. Wheels may hold
     copies of it under several names (libggml-cpu.so, .so.0, ...); opening another copy would

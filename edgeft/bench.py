@@ -593,9 +593,33 @@ def _child(spec: dict, probe: str = "_memory_probe", env: dict[str, str] | None 
     return json.loads(proc.stdout)
 
 
+def _decode_pairs(eng, names: Sequence[str], rounds: int, tokens: int,
+                  say: Progress | None = None) -> tuple[dict[str, list[float]], dict[str, list[float]], list[float]]:
+    """llama.cpp decode with each resident adapter relative to none, as back-to-back pairs (none,
+    then the adapter), so the machine's load changes little within a pair. Returns the wall and
+    CPU-time ratios per adapter, one per round, and the bare base's wall tok/s of every pair."""
+    ratio: dict[str, list[float]] = {name: [] for name in names}
+    ratio_cpu: dict[str, list[float]] = {name: [] for name in names}
+    base_wall: list[float] = []
+    for r in range(rounds):
+        if say is not None:
+            say(f"decode sweep, round {r + 1}/{rounds}")
+        for name in names:
+            w0, c0 = _raw_decode(eng, {}, tokens)
+            w1, c1 = _raw_decode(eng, {name: 1.0}, tokens)
+            base_wall.append(w0)
+            ratio[name].append(w1 / w0)
+            if c0 and c1:
+                ratio_cpu[name].append(c1 / c0)
+    return ratio, ratio_cpu, base_wall
+
+
+def _p10_p90(values: Sequence[float]) -> list[float]:
+    return [float(np.percentile(values, 10)), float(np.percentile(values, 90))]
+
+
 def _decode_pairs_probe(spec: dict) -> dict:
-    """In a fresh process: llama.cpp decode with each adapter relative to none, in back-to-back
-    pairs (the `_decode_sweep` method), for a process whose environment differs (e.g. ggml's
+    """In a fresh process: `_decode_pairs` for a process whose environment differs (e.g. ggml's
     CPU fusions off)."""
     from . import _llama
     from .engine import Engine
@@ -605,15 +629,10 @@ def _decode_pairs_probe(spec: dict) -> dict:
             eng.load_adapter(path, name=name)
         for name in spec["adapters"]:
             _raw_decode(eng, {name: 1.0}, 4)  # graphs built outside the timing
-        ratio: dict[str, list[float]] = {name: [] for name in spec["adapters"]}
-        for _ in range(spec["rounds"]):
-            for name in spec["adapters"]:
-                w0, _ = _raw_decode(eng, {}, spec["tokens"])
-                w1, _ = _raw_decode(eng, {name: 1.0}, spec["tokens"])
-                ratio[name].append(w1 / w0)
+        ratio, _, _ = _decode_pairs(eng, list(spec["adapters"]), spec["rounds"], spec["tokens"])
     return {"lora_decode_fused": _llama.lora_decode_fused(),
             "ratio": {k: _med(v) for k, v in ratio.items()},
-            "ratio_p10_p90": {k: [float(np.percentile(v, 10)), float(np.percentile(v, 90))] for k, v in ratio.items()}}
+            "ratio_p10_p90": {k: _p10_p90(v) for k, v in ratio.items()}}
 
 
 def _memory_probe(spec: dict) -> dict:
@@ -997,24 +1016,13 @@ def _decode_sweep(eng, base_path: Path, work: Path, reps: int, say: Progress) ->
             variants.append((name, dt, tname, p))
     n_dec = 32
     rounds = max(8, reps)
-    ratio: dict[str, list[float]] = {}
-    ratio_cpu: dict[str, list[float]] = {}
-    base_wall: list[float] = []
     mb = {}
     saved_budget, eng.memory_budget_mb = eng.memory_budget_mb, None  # all variants resident at once
     try:
         for name, _, _, p in variants:
             eng.load_adapter(str(p), name=name)
             mb[name] = eng.adapters[name].mb
-        for r in range(rounds):
-            say(f"decode sweep, round {r + 1}/{rounds}")
-            for name, _, _, _ in variants:
-                w0, c0 = _raw_decode(eng, {}, n_dec)
-                w1, c1 = _raw_decode(eng, {name: 1.0}, n_dec)
-                base_wall.append(w0)
-                ratio.setdefault(name, []).append(w1 / w0)
-                if c0 and c1:
-                    ratio_cpu.setdefault(name, []).append(c1 / c0)
+        ratio, ratio_cpu, base_wall = _decode_pairs(eng, [v[0] for v in variants], rounds, n_dec, say)
     finally:
         for name in mb:
             eng.unload_adapter(name)
@@ -1031,9 +1039,8 @@ def _decode_sweep(eng, base_path: Path, work: Path, reps: int, say: Progress) ->
                     "ratio_p10_p90": got["ratio_p10_p90"][name]}
                    for name, dt, tname, _ in variants if name in got["ratio"]]
     rows = [{"dtype": dt, "targets": tname, "rank": 8, "adapter_mb": mb[name],
-             "ratio": _med(ratio[name]), "ratio_p10_p90": [float(np.percentile(ratio[name], 10)),
-                                                          float(np.percentile(ratio[name], 90))],
-             "ratio_cpu": _med(ratio_cpu.get(name, []))}
+             "ratio": _med(ratio[name]), "ratio_p10_p90": _p10_p90(ratio[name]),
+             "ratio_cpu": _med(ratio_cpu[name])}
             for name, dt, tname, _ in variants]
     return {"base_wall_tps": _med(base_wall), "tokens": n_dec, "rounds": rounds, "rows": rows,
             "lora_decode_fused": _llama.lora_decode_fused(), "unfused_rows": unfused,
