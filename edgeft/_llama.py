@@ -96,8 +96,9 @@ def scheduler_reserves() -> int:
 
 def patch_level() -> int:
     """Which of edgeft's llama.cpp patches (cmake/patches) this build carries: 0 for a stock
-    build, 1 when swapping same-shape adapter sets skips the scheduler re-reserve, 2 when the
-    CPU backend also fuses each adapter's LoRA ops for single-token decode."""
+    build, 1 when swapping same-shape adapter sets skips the scheduler re-reserve, 3 when the
+    CPU backend also fuses each adapter's LoRA ops for single-token decode (2: an earlier
+    version of that fusion, wrong on repacked bases, which edgeft turns off)."""
     fn = getattr(llama_cpp.llama_cpp._lib, "edgeft_llama_patch_level", None)
     if fn is None:
         return 0
@@ -109,7 +110,20 @@ def lora_decode_fused() -> bool:
     """Whether decode on the CPU runs each adapter's LoRA ops as one fused op (patch 0002), as
     opposed to four graph nodes per adapted matrix. GGML_CPU_DISABLE_FUSION=1 (ggml's switch
     for all its CPU fusions) turns it off."""
-    return patch_level() >= 2 and os.environ.get("GGML_CPU_DISABLE_FUSION", "").strip() != "1"
+    return patch_level() >= 3 and os.environ.get("GGML_CPU_DISABLE_FUSION", "").strip() != "1"
+
+
+def _turn_off_broken_fusion() -> None:
+    """Patch level 2 fused LoRA chains into mul_mat's kernel even where the base's weights are
+    repacked (Q4_0, Q4_K, IQ4_NL on AVX2/NEON) and another kernel computes that product: NaN
+    logits. ggml reads GGML_CPU_DISABLE_FUSION once, when its CPU backend starts (the first model
+    load), so a build that old still gives right answers, only without the fusion, until
+    ./setup.sh rebuilds it."""
+    if patch_level() == 2:
+        os.environ["GGML_CPU_DISABLE_FUSION"] = "1"
+
+
+_turn_off_broken_fusion()
 
 
 @functools.cache
@@ -181,7 +195,9 @@ def api_names() -> dict[str, str]:
         "set_adapters": getattr(_set_adapters or _set_adapter_one, "__name__", "?"),
         "memory": "llama_memory_*" if _memory_clear else "llama_kv_*",
         "patch_level": str(patch_level()),
-        "lora_decode": "fused (patch 0002)" if lora_decode_fused() else "graph ops",
+        "lora_decode": ("fused (patch 0002)" if lora_decode_fused() else
+                        "graph ops (this build has an old patch 0002: rerun ./setup.sh)" if patch_level() == 2 else
+                        "graph ops"),
     }
 
 

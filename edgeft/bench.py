@@ -979,11 +979,18 @@ def run_bench(base: str | None = None, adapters: Sequence[str] | None = None, *,
             say("llama-bench prefill")
             lb = run_llama_bench(lb_bin, base_path, threads=prof.threads, gpu_layers=gpu_layers,
                                  repeats=3, n_gen=0, n_prompt=64)
+            # per round: llama-bench, then edgeft's base decode right after it (same load)
+            pairs = [e / t for e, t in zip(dec["base"]["tps"], lb_tg) if t]
+            raw_pairs = [e / t for e, t in zip(dec["base"]["raw_wall"], lb_tg) if t]
             lb.update(tg_tps=_med(lb_tg), tg_samples=lb_tg, tg_tokens=n_dec,
-                      edgeft_over_llama_bench=_ratio(decode_tps["base"], _med(lb_tg)),
-                      edgeft_raw_over_llama_bench=_ratio(raw["base"]["wall_tps"], _med(lb_tg)),
+                      edgeft_over_llama_bench=_med(pairs) if pairs else None,
+                      edgeft_over_llama_bench_p10_p90=_p10_p90(pairs) if pairs else None,
+                      edgeft_raw_over_llama_bench=_med(raw_pairs) if raw_pairs else None,
+                      medians_ratio=_ratio(decode_tps["base"], _med(lb_tg)),
                       note="tg: one llama-bench run (-r 1, after its own warm-up) in each decode round, "
-                           "interleaved with edgeft's; pp: -p 64 -r 3 at the end")
+                           "edgeft's base decode right after it; ratios: median over rounds of edgeft / "
+                           "llama-bench in the same round (medians_ratio: of the two medians); "
+                           "pp: -p 64 -r 3 at the end")
             res["llama_bench"] = lb
         else:
             res["llama_bench"] = None
