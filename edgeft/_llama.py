@@ -239,6 +239,10 @@ class Sampler:
     def __init__(self, vocab, s: Sampling, n_vocab: int):
         self.grammar = None
         self.ptr = self._chain(s)
+        # greedy without a grammar: llama.cpp's greedy sampler takes the first maximum, as argmax
+        # does, but first copies all 49k logits into a candidate array (0.17 ms a token here)
+        self._greedy = s.temperature <= 0 and not s.grammar
+        self._n_vocab = n_vocab
         if s.grammar:
             self.grammar = llama_cpp.llama_sampler_init_grammar(vocab, s.grammar.encode("utf-8"), b"root")
             if not self.grammar:
@@ -247,7 +251,6 @@ class Sampler:
             self._one = np.zeros(1, dtype=_TOKEN_DATA)
             self._all = np.zeros(n_vocab, dtype=_TOKEN_DATA)
             self._all["id"] = np.arange(n_vocab, dtype=np.int32)
-            self._n_vocab = n_vocab
 
     @staticmethod
     def _chain(s: Sampling):
@@ -275,6 +278,8 @@ class Sampler:
             data=buf.ctypes.data_as(llama_cpp.llama_token_data_p), size=len(buf), selected=-1, sorted=False)
 
     def sample(self, ctx, logits_ptr) -> int:
+        if self._greedy:
+            return int(np.argmax(np.ctypeslib.as_array(logits_ptr, shape=(self._n_vocab,))))
         if self.grammar is None:
             return int(llama_cpp.llama_sampler_sample(self.ptr, ctx, -1))
         logits = np.ctypeslib.as_array(logits_ptr, shape=(self._n_vocab,))

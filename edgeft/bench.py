@@ -501,8 +501,7 @@ def _swap_penalty(eng, a: dict, b: dict, prompt: str, pairs: int) -> dict:
             "swap_ms_in_traffic": dist(v["set"])}
 
 
-def _decode_runs(modes: dict[str, tuple[Any, dict]], repeats: int, n_tokens: int, progress: Progress,
-                 between: Callable[[], None] | None = None) -> dict:
+def _decode_runs(modes: dict[str, tuple[Any, dict]], repeats: int, n_tokens: int, progress: Progress) -> dict:
     """Interleave the modes `repeats` times (so drift hits all alike). Each round measures
     edgeft's own generation loop (greedy, sampling and detokenizing included: the tok/s a user
     sees) and llama.cpp's decode alone (wall and CPU tok/s)."""
@@ -511,8 +510,6 @@ def _decode_runs(modes: dict[str, tuple[Any, dict]], repeats: int, n_tokens: int
         eng.complete(DECODE_PROMPT, adapter=sel, max_tokens=4)
     for r in range(repeats):
         progress(f"decode tok/s, round {r + 1}/{repeats}")
-        if between is not None:
-            between()  # e.g. llama-bench, in the same rounds so that its ratio is comparable
         for mode, (eng, sel) in modes.items():
             wall, cpu = _raw_decode(eng, sel, max(16, n_tokens // 2))
             eng.complete(DECODE_PROMPT, adapter=sel, max_tokens=1)  # prompt in KV, as in any request
@@ -666,6 +663,38 @@ def _memory_probe(spec: dict) -> dict:
         for eng in engines:
             eng.close()
     return out
+
+
+def _llama_bench_pairs(lb_bin: Path, eng, model: Path, *, threads: int, gpu_layers: int, tokens: int,
+                       rounds: int, say: Progress) -> dict:
+    """llama-bench's decode (tg) and edgeft's, back to back, `rounds` times (the order flips every
+    round), so both see the same load: the ratio is the median of the rounds' ratios."""
+    lb, ours, raw = [], [], []
+    for r in range(rounds):
+        say(f"llama-bench vs edgeft decode, round {r + 1}/{rounds}")
+
+        def edgeft_round() -> None:
+            w, _ = _raw_decode(eng, {}, tokens)
+            eng.complete(DECODE_PROMPT, max_tokens=1)  # prompt in KV, as in any request
+            ours.append(eng.complete(DECODE_PROMPT, max_tokens=tokens).decode_tps)
+            raw.append(w)
+
+        if r % 2:
+            edgeft_round()
+        lb.append(run_llama_bench(lb_bin, model, threads=threads, gpu_layers=gpu_layers,
+                                  repeats=1, n_gen=tokens, n_prompt=0)["tg_tps"])
+        if not r % 2:
+            edgeft_round()
+    ratio = [e / t for e, t in zip(ours, lb) if t]
+    raw_ratio = [e / t for e, t in zip(raw, lb) if t]
+    return {"tg_tps": _med(lb), "tg_samples": lb, "tg_tokens": tokens, "edgeft_tps_samples": ours,
+            "edgeft_over_llama_bench": _med(ratio) if ratio else None,
+            "edgeft_over_llama_bench_p10_p90": _p10_p90(ratio) if ratio else None,
+            "edgeft_raw_over_llama_bench": _med(raw_ratio) if raw_ratio else None,
+            "note": f"tg: {rounds} rounds of one llama-bench run (-n {tokens} -r 1, after its own warm-up) "
+                    "and edgeft's greedy generation of as many tokens, back to back, order alternating; "
+                    "ratios: median over rounds (edgeft_raw: llama.cpp decode alone through edgeft); "
+                    "pp: -p 64 -r 3 afterwards"}
 
 
 def run_llama_bench(binary: str | os.PathLike, model: str | os.PathLike, *, threads: int, gpu_layers: int = 0,
@@ -872,14 +901,11 @@ def run_bench(base: str | None = None, adapters: Sequence[str] | None = None, *,
             if not lb_bin.is_file() or not os.access(lb_bin, os.X_OK):
                 raise InputError(f"llama-bench not found or not executable: {lb_bin}",
                                  "build it from llama.cpp (cmake --build build --target llama-bench)")
-        lb_tg: list[float] = []
-
-        def llama_bench_round() -> None:
-            if lb_bin is not None:
-                lb_tg.append(run_llama_bench(lb_bin, base_path, threads=prof.threads, gpu_layers=gpu_layers,
-                                             repeats=1, n_gen=n_dec, n_prompt=0)["tg_tps"])
-
-        dec = _decode_runs(modes, reps, n_dec, say, between=llama_bench_round)
+        dec = _decode_runs(modes, reps, n_dec, say)
+        lb_pairs = None
+        if lb_bin is not None:  # right after edgeft's own decode rounds, on the same engine
+            lb_pairs = _llama_bench_pairs(lb_bin, eng, base_path, threads=prof.threads, gpu_layers=gpu_layers,
+                                          tokens=n_dec, rounds=3 if quick else 10, say=say)
         all_modes = ("base", "adapter", "two_adapters", "merged")
         decode_tps = {m: _med(dec[m]["tps"]) if m in dec else None for m in all_modes}
         raw = {m: {"wall_tps": _med(dec[m]["raw_wall"]), "cpu_tps": _med(dec[m]["raw_cpu"]),
@@ -979,18 +1005,7 @@ def run_bench(base: str | None = None, adapters: Sequence[str] | None = None, *,
             say("llama-bench prefill")
             lb = run_llama_bench(lb_bin, base_path, threads=prof.threads, gpu_layers=gpu_layers,
                                  repeats=3, n_gen=0, n_prompt=64)
-            # per round: llama-bench, then edgeft's base decode right after it (same load)
-            pairs = [e / t for e, t in zip(dec["base"]["tps"], lb_tg) if t]
-            raw_pairs = [e / t for e, t in zip(dec["base"]["raw_wall"], lb_tg) if t]
-            lb.update(tg_tps=_med(lb_tg), tg_samples=lb_tg, tg_tokens=n_dec,
-                      edgeft_over_llama_bench=_med(pairs) if pairs else None,
-                      edgeft_over_llama_bench_p10_p90=_p10_p90(pairs) if pairs else None,
-                      edgeft_raw_over_llama_bench=_med(raw_pairs) if raw_pairs else None,
-                      medians_ratio=_ratio(decode_tps["base"], _med(lb_tg)),
-                      note="tg: one llama-bench run (-r 1, after its own warm-up) in each decode round, "
-                           "edgeft's base decode right after it; ratios: median over rounds of edgeft / "
-                           "llama-bench in the same round (medians_ratio: of the two medians); "
-                           "pp: -p 64 -r 3 at the end")
+            lb.update(lb_pairs)
             res["llama_bench"] = lb
         else:
             res["llama_bench"] = None

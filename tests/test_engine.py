@@ -322,6 +322,39 @@ def test_grammar_checked_sampling_equals_grammar_first(engine, adapters):
             assert got == ref
 
 
+def test_greedy_fast_path_picks_what_llama_cpps_greedy_sampler_picks(engine, adapters):
+    """Greedy decoding takes argmax over the logits instead of llama.cpp's greedy sampler; both
+    must give the same tokens, with and without an adapter."""
+    import llama_cpp
+
+    from edgeft import _llama
+
+    b = engine._b
+    fast = b.sampler(_llama.Sampling(temperature=0.0))
+    assert fast._greedy
+    params = llama_cpp.llama_sampler_chain_default_params()
+    ref = llama_cpp.llama_sampler_chain_init(params)
+    llama_cpp.llama_sampler_chain_add(ref, llama_cpp.llama_sampler_init_greedy())
+    try:
+        picks = []
+        for ad in (None, str(adapters["a"])):
+            with engine._lock:
+                engine._apply(engine._resolve(ad))
+                b.memory_clear()
+                b.decode(b.tokenize("The three largest cities of Australia are"))
+                for _ in range(24):
+                    tok = b.sample(fast)
+                    assert tok == llama_cpp.llama_sampler_sample(ref, b.ctx, -1)
+                    picks.append(tok)
+                    b.decode_one(tok)
+                engine._invalidate_kv()
+        assert len(set(picks)) > 5  # real text, not one token repeated
+    finally:
+        fast.close()
+        llama_cpp.llama_sampler_free(ref)
+    engine.use(None)
+
+
 def test_same_file_name_from_two_folders_gets_two_names(base_path, tmp_path):
     a = write_adapter((tmp_path / "x").mkdir() or tmp_path / "x" / "adapter.gguf", base_path, seed=1, rank=2)
     b = write_adapter((tmp_path / "y").mkdir() or tmp_path / "y" / "adapter.gguf", base_path, seed=2, rank=2)
