@@ -502,15 +502,17 @@ def _swap_penalty(eng, a: dict, b: dict, prompt: str, pairs: int) -> dict:
 
 
 def _decode_runs(modes: dict[str, tuple[Any, dict]], repeats: int, n_tokens: int, progress: Progress) -> dict:
-    """Interleave the modes `repeats` times (so drift hits all alike). Each round measures
-    edgeft's own generation loop (greedy, sampling and detokenizing included: the tok/s a user
-    sees) and llama.cpp's decode alone (wall and CPU tok/s)."""
+    """Interleave the modes `repeats` times (so drift hits all alike), in reverse order every
+    other round (so no mode always comes first). Each round measures edgeft's own generation
+    loop (greedy, sampling and detokenizing included: the tok/s a user sees) and llama.cpp's
+    decode alone (wall and CPU tok/s)."""
     out: dict[str, dict] = {k: {"tps": [], "tokens": [], "raw_wall": [], "raw_cpu": [], "text": None} for k in modes}
     for eng, sel in modes.values():  # warm-up: graph reserve, page cache
         eng.complete(DECODE_PROMPT, adapter=sel, max_tokens=4)
     for r in range(repeats):
         progress(f"decode tok/s, round {r + 1}/{repeats}")
-        for mode, (eng, sel) in modes.items():
+        order = list(modes.items())
+        for mode, (eng, sel) in order[::-1] if r % 2 else order:
             wall, cpu = _raw_decode(eng, sel, max(16, n_tokens // 2))
             eng.complete(DECODE_PROMPT, adapter=sel, max_tokens=1)  # prompt in KV, as in any request
             g = eng.complete(DECODE_PROMPT, adapter=sel, max_tokens=n_tokens)
@@ -675,8 +677,8 @@ def _llama_bench_pairs(lb_bin: Path, eng, model: Path, *, threads: int, gpu_laye
 
         def edgeft_round() -> None:
             w, _ = _raw_decode(eng, {}, tokens)
-            eng.complete(DECODE_PROMPT, max_tokens=1)  # prompt in KV, as in any request
-            ours.append(eng.complete(DECODE_PROMPT, max_tokens=tokens).decode_tps)
+            eng.complete(DECODE_PROMPT, adapter={}, max_tokens=1)  # prompt in KV, as in any request
+            ours.append(eng.complete(DECODE_PROMPT, adapter={}, max_tokens=tokens).decode_tps)
             raw.append(w)
 
         if r % 2:
@@ -901,7 +903,7 @@ def run_bench(base: str | None = None, adapters: Sequence[str] | None = None, *,
             if not lb_bin.is_file() or not os.access(lb_bin, os.X_OK):
                 raise InputError(f"llama-bench not found or not executable: {lb_bin}",
                                  "build it from llama.cpp (cmake --build build --target llama-bench)")
-        dec = _decode_runs(modes, reps, n_dec, say)
+        dec = _decode_runs(modes, 2 * reps, n_dec, say)  # 10 rounds (4 quick): its ratios are the noisiest here
         lb_pairs = None
         if lb_bin is not None:  # right after edgeft's own decode rounds, on the same engine
             lb_pairs = _llama_bench_pairs(lb_bin, eng, base_path, threads=prof.threads, gpu_layers=gpu_layers,
