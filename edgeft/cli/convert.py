@@ -14,7 +14,7 @@ import typer
 
 from .common import AdapterDir, Base, Threads
 
-OutType = Annotated[str, typer.Option("--outtype", help="Adapter tensor type: f32 (default, exact), f16 (half the size; with edgeft's llama.cpp patches also faster decode on CPU), bf16 or q8_0.")]
+OutType = Annotated[str, typer.Option("--outtype", help="Adapter tensor type: f32 (default, exact), f16 (half the size, decode about as fast with edgeft's llama.cpp patches), bf16 or q8_0.")]
 Overwrite = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
 
 

@@ -143,7 +143,7 @@ def train(
     seed: Annotated[int, typer.Option("--seed", help="Seed for sampling, shuffling and LoRA init.")] = 0,
     ner_map: Annotated[Optional[str], typer.Option("--ner-map", help="NER type map JSON (flat, or per set like shared/data/ner/coarse_map.json).")] = None,
     eval_limit: Annotated[Optional[int], typer.Option("--eval-limit", help="Score a seeded sample of N dev rows.")] = 200,
-    outtype: Annotated[str, typer.Option("--outtype", help="Adapter GGUF tensor type: f32 (default, exact), f16 (half the size, faster decode with edgeft's patches), bf16, q8_0.")] = "f32",
+    outtype: Annotated[str, typer.Option("--outtype", help="Adapter GGUF tensor type: f32 (default, exact), f16 (half the size, decode about as fast with edgeft's patches), bf16, q8_0.")] = "f32",
     threads: Threads = None,
     bf16: Annotated[bool, typer.Option("--bf16/--no-bf16", help="bf16 autocast for the matmuls (about 2x faster on AVX512-BF16 CPUs).")] = True,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing bundle at --out.")] = False,
