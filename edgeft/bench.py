@@ -667,36 +667,64 @@ def _memory_probe(spec: dict) -> dict:
     return out
 
 
+LLAMA_BENCH_CTX = 256  # llama-bench's context for -p 0 -n 64: n_prompt + n_gen, padded to 256 cells
+
+
 def _llama_bench_pairs(lb_bin: Path, eng, model: Path, *, threads: int, gpu_layers: int, tokens: int,
                        rounds: int, say: Progress) -> dict:
     """llama-bench's decode (tg) and edgeft's, back to back, `rounds` times (the order flips every
-    round), so both see the same load: the ratio is the median of the rounds' ratios."""
-    lb, ours, raw = [], [], []
-    for r in range(rounds):
-        say(f"llama-bench vs edgeft decode, round {r + 1}/{rounds}")
+    round), so both see the same load: the ratio is the median of the rounds' ratios.
 
-        def edgeft_round() -> None:
-            w, _ = _raw_decode(eng, {}, tokens)
-            eng.complete(DECODE_PROMPT, adapter={}, max_tokens=1)  # prompt in KV, as in any request
-            ours.append(eng.complete(DECODE_PROMPT, adapter={}, max_tokens=tokens).decode_tps)
-            raw.append(w)
+    edgeft runs twice per round: with llama-bench's context size (the like-for-like comparison,
+    which isolates what edgeft's Python layer costs) and with the profile's (`eng`). Without
+    flash attention llama.cpp's CPU backend keeps V transposed over the whole context, so decode
+    at the same positions is slower in a larger context."""
+    from .engine import Engine
 
-        if r % 2:
-            edgeft_round()
-        lb.append(run_llama_bench(lb_bin, model, threads=threads, gpu_layers=gpu_layers,
-                                  repeats=1, n_gen=tokens, n_prompt=0)["tg_tps"])
-        if not r % 2:
-            edgeft_round()
-    ratio = [e / t for e, t in zip(ours, lb) if t]
-    raw_ratio = [e / t for e, t in zip(raw, lb) if t]
-    return {"tg_tps": _med(lb), "tg_samples": lb, "tg_tokens": tokens, "edgeft_tps_samples": ours,
+    same = Engine(str(model), n_ctx=LLAMA_BENCH_CTX, n_threads=threads, n_gpu_layers=gpu_layers)
+    engines = {"same_ctx": same, "profile_ctx": eng}
+    lb: list[float] = []
+    ours: dict[str, list[float]] = {k: [] for k in engines}
+    raw: dict[str, list[float]] = {k: [] for k in engines}
+    try:
+        same.complete(DECODE_PROMPT, adapter={}, max_tokens=4)  # warm-up
+        for r in range(rounds):
+            say(f"llama-bench vs edgeft decode, round {r + 1}/{rounds}")
+
+            def edgeft_round() -> None:
+                for k, e in engines.items():
+                    w, _ = _raw_decode(e, {}, tokens)
+                    e.complete(DECODE_PROMPT, adapter={}, max_tokens=1)  # prompt in KV, as in any request
+                    ours[k].append(e.complete(DECODE_PROMPT, adapter={}, max_tokens=tokens).decode_tps)
+                    raw[k].append(w)
+
+            if r % 2:
+                edgeft_round()
+            lb.append(run_llama_bench(lb_bin, model, threads=threads, gpu_layers=gpu_layers,
+                                      repeats=1, n_gen=tokens, n_prompt=0)["tg_tps"])
+            if not r % 2:
+                edgeft_round()
+    finally:
+        same.close()
+
+    def med_ratio(xs: list[float]) -> float | None:
+        r = [e / t for e, t in zip(xs, lb) if t]
+        return _med(r) if r else None
+
+    ratio = [e / t for e, t in zip(ours["same_ctx"], lb) if t]
+    return {"tg_tps": _med(lb), "tg_samples": lb, "tg_tokens": tokens, "n_ctx_same": LLAMA_BENCH_CTX,
+            "edgeft_tps_samples": ours["same_ctx"],
             "edgeft_over_llama_bench": _med(ratio) if ratio else None,
             "edgeft_over_llama_bench_p10_p90": _p10_p90(ratio) if ratio else None,
-            "edgeft_raw_over_llama_bench": _med(raw_ratio) if raw_ratio else None,
+            "edgeft_raw_over_llama_bench": med_ratio(raw["same_ctx"]),
+            "profile_ctx": {"edgeft_tps_samples": ours["profile_ctx"],
+                            "edgeft_over_llama_bench": med_ratio(ours["profile_ctx"]),
+                            "edgeft_raw_over_llama_bench": med_ratio(raw["profile_ctx"])},
             "note": f"tg: {rounds} rounds of one llama-bench run (-n {tokens} -r 1, after its own warm-up) "
                     "and edgeft's greedy generation of as many tokens, back to back, order alternating; "
-                    "ratios: median over rounds (edgeft_raw: llama.cpp decode alone through edgeft); "
-                    "pp: -p 64 -r 3 afterwards"}
+                    f"edgeft with llama-bench's context ({LLAMA_BENCH_CTX}) and, under profile_ctx, the "
+                    "profile's; ratios: median over rounds (edgeft_raw: llama.cpp decode alone through "
+                    "edgeft); pp: -p 64 -r 3 afterwards"}
 
 
 def run_llama_bench(binary: str | os.PathLike, model: str | os.PathLike, *, threads: int, gpu_layers: int = 0,
