@@ -707,19 +707,21 @@ def _llama_bench_pairs(lb_bin: Path, eng, model: Path, *, threads: int, gpu_laye
     finally:
         same.close()
 
-    def med_ratio(xs: list[float]) -> float | None:
-        r = [e / t for e, t in zip(xs, lb) if t]
-        return _med(r) if r else None
+    def ratios(xs: list[float]) -> list[float]:
+        return [e / t for e, t in zip(xs, lb) if t]
 
-    ratio = [e / t for e, t in zip(ours["same_ctx"], lb) if t]
+    def med(xs: list[float]) -> float | None:
+        return _med(xs) if xs else None
+
+    same_ratio = ratios(ours["same_ctx"])
     return {"tg_tps": _med(lb), "tg_samples": lb, "tg_tokens": tokens, "n_ctx_same": LLAMA_BENCH_CTX,
             "edgeft_tps_samples": ours["same_ctx"],
-            "edgeft_over_llama_bench": _med(ratio) if ratio else None,
-            "edgeft_over_llama_bench_p10_p90": _p10_p90(ratio) if ratio else None,
-            "edgeft_raw_over_llama_bench": med_ratio(raw["same_ctx"]),
+            "edgeft_over_llama_bench": med(same_ratio),
+            "edgeft_over_llama_bench_p10_p90": _p10_p90(same_ratio) if same_ratio else None,
+            "edgeft_raw_over_llama_bench": med(ratios(raw["same_ctx"])),
             "profile_ctx": {"edgeft_tps_samples": ours["profile_ctx"],
-                            "edgeft_over_llama_bench": med_ratio(ours["profile_ctx"]),
-                            "edgeft_raw_over_llama_bench": med_ratio(raw["profile_ctx"])},
+                            "edgeft_over_llama_bench": med(ratios(ours["profile_ctx"])),
+                            "edgeft_raw_over_llama_bench": med(ratios(raw["profile_ctx"]))},
             "note": f"tg: {rounds} rounds of one llama-bench run (-n {tokens} -r 1, after its own warm-up) "
                     "and edgeft's greedy generation of as many tokens, back to back, order alternating; "
                     f"edgeft with llama-bench's context ({LLAMA_BENCH_CTX}) and, under profile_ctx, the "
