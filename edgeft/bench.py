@@ -873,7 +873,7 @@ def run_bench(base: str | None = None, adapters: Sequence[str] | None = None, *,
         say("swap (set adapters + KV invalidation)")
         tight = _swap_tight(eng, a_sel, b_sel, 200 if quick else 1000)
         say("swap penalty on the next request")
-        pen = _swap_penalty(eng, a_sel, b_sel, PENALTY_PROMPT, 6 * reps)
+        pen = _swap_penalty(eng, a_sel, b_sel, PENALTY_PROMPT, 12 * reps)  # 60 pairs: ~70 ms requests, +-10 ms
         res["swap_ms"] = dict(pen["swap_ms_in_traffic"], tight=dist(tight))
         res["swap_ttft_penalty_ms"] = dict(pen["penalty_ms"], detail=pen)
 
@@ -937,7 +937,7 @@ def run_bench(base: str | None = None, adapters: Sequence[str] | None = None, *,
         lb_pairs = None
         if lb_bin is not None:  # right after edgeft's own decode rounds, on the same engine
             lb_pairs = _llama_bench_pairs(lb_bin, eng, base_path, threads=prof.threads, gpu_layers=gpu_layers,
-                                          tokens=n_dec, rounds=3 if quick else 10, say=say)
+                                          tokens=n_dec, rounds=3 if quick else 20, say=say)
         all_modes = ("base", "adapter", "two_adapters", "merged")
         decode_tps = {m: _med(dec[m]["tps"]) if m in dec else None for m in all_modes}
         raw = {m: {"wall_tps": _med(dec[m]["raw_wall"]), "cpu_tps": _med(dec[m]["raw_cpu"]),
