@@ -729,6 +729,44 @@ def _llama_bench_pairs(lb_bin: Path, eng, model: Path, *, threads: int, gpu_laye
                     "edgeft); pp: -p 64 -r 3 afterwards"}
 
 
+def _flash_attn_pairs(eng, base_path: Path, adapter: tuple[str, Path], *, gpu_layers: int, tokens: int,
+                      rounds: int, say: Progress) -> dict:
+    """edgeft's decode with llama.cpp's flash attention against without, at the profile's context:
+    `eng` (off) and a second engine with it on, the same request back to back (order flipping
+    every round), with no adapter and with `adapter`. Also: whether greedy text stays the same
+    (ggml's CPU flash attention sums softmax @ V in f16, the plain path in f32)."""
+    from .engine import Engine
+
+    name, path = adapter
+    on = Engine(str(base_path), n_ctx=eng.n_ctx, n_threads=eng.n_threads, n_batch=eng._b.n_batch,
+                n_gpu_layers=gpu_layers, flash_attn=True)
+    sels = {"base": {}, "adapter": {name: 1.0}}
+    tps: dict[str, dict[str, list[float]]] = {m: {k: [] for k in sels} for m in ("off", "on")}
+    text: dict[str, dict[str, str]] = {"off": {}, "on": {}}
+    try:
+        on.load_adapter(str(path), name=name)
+        for e in (eng, on):  # warm-up: graph reserve per adapter set
+            for sel in sels.values():
+                e.complete(DECODE_PROMPT, adapter=sel, max_tokens=4)
+        for r in range(rounds):
+            say(f"flash attention on / off, round {r + 1}/{rounds}")
+            order = [("off", eng), ("on", on)]
+            for k, sel in sels.items():
+                for mode, e in order[::-1] if r % 2 else order:
+                    e.complete(DECODE_PROMPT, adapter=sel, max_tokens=1)  # prompt in KV, as in any request
+                    g = e.complete(DECODE_PROMPT, adapter=sel, max_tokens=tokens)
+                    tps[mode][k].append(g.decode_tps)
+                    text[mode].setdefault(k, g.text)
+    finally:
+        on.close()
+    return {"n_ctx": eng.n_ctx, "tokens": tokens, "rounds": rounds, "adapter": name,
+            "decode_tps": {m: {k: _med(v) for k, v in d.items()} for m, d in tps.items()},
+            "on_over_off": {k: _med([a / b for a, b in zip(tps["on"][k], tps["off"][k]) if b]) for k in sels},
+            "same_greedy_text": {k: text["on"][k] == text["off"][k] for k in sels},
+            "note": "edgeft's generation loop, greedy; on_over_off = median of per-round ratios. Off is "
+                    "edgeft's default: ggml's CPU kernel accumulates softmax @ V in f16 (docs/benchmarks.md)"}
+
+
 def run_llama_bench(binary: str | os.PathLike, model: str | os.PathLike, *, threads: int, gpu_layers: int = 0,
                     repeats: int = 5, n_gen: int = 128, n_prompt: int = 64) -> dict:
     """llama.cpp's own `llama-bench` on the same model and threads: tg (decode) and pp tok/s.
@@ -938,6 +976,9 @@ def run_bench(base: str | None = None, adapters: Sequence[str] | None = None, *,
         if lb_bin is not None:  # right after edgeft's own decode rounds, on the same engine
             lb_pairs = _llama_bench_pairs(lb_bin, eng, base_path, threads=prof.threads, gpu_layers=gpu_layers,
                                           tokens=n_dec, rounds=3 if quick else 20, say=say)
+        say("flash attention on / off")
+        res["flash_attn"] = _flash_attn_pairs(eng, base_path, (names[0], refs[0][1]), gpu_layers=gpu_layers,
+                                              tokens=n_dec, rounds=2 if quick else 8, say=say)
         all_modes = ("base", "adapter", "two_adapters", "merged")
         decode_tps = {m: _med(dec[m]["tps"]) if m in dec else None for m in all_modes}
         raw = {m: {"wall_tps": _med(dec[m]["raw_wall"]), "cpu_tps": _med(dec[m]["raw_cpu"]),

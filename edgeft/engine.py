@@ -142,7 +142,7 @@ class Engine:
                  n_threads: int | None = None, n_batch: int = 512, n_gpu_layers: int = 0,
                  use_mmap: bool = True, use_mlock: bool = False, memory_budget_mb: float | None = None,
                  adapter_dirs: Sequence[str | os.PathLike] = (), progress: Progress | None = None,
-                 verbose: bool | None = None):
+                 flash_attn: bool = False, verbose: bool | None = None):
         if verbose is None:
             verbose = bool(os.environ.get("EDGEFT_VERBOSE"))
         self.base: BaseModel = resolve_base(base, progress=progress)
@@ -150,7 +150,8 @@ class Engine:
         t0 = time.perf_counter()
         self._b = _llama.Backend(str(self.base.path), n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch,
                                  n_gpu_layers=n_gpu_layers, use_mmap=use_mmap, use_mlock=use_mlock,
-                                 verbose=verbose)
+                                 flash_attn=flash_attn, verbose=verbose)
+        self.flash_attn = flash_attn
         self.load_ms = (time.perf_counter() - t0) * 1e3
         self.memory_budget_mb = memory_budget_mb
         self.adapter_dirs = list(adapter_dirs)

@@ -166,6 +166,13 @@ def test_bench_quick_json(tmp_path, base_path):
         _num(r["prefill_tps"][k])
     for k in ("base", "adapter", "two_adapters", "merged"):
         _num(r["decode_tps"][k], 0, 10_000)
+    fa = r["flash_attn"]
+    assert fa["n_ctx"] == r["profile"]["n_ctx"] and fa["adapter"] == r["adapters"][0]["name"]
+    for k in ("base", "adapter"):
+        _num(fa["decode_tps"]["off"][k], 0, 10_000)
+        _num(fa["decode_tps"]["on"][k], 0, 10_000)
+        _num(fa["on_over_off"][k], 0, 100)
+        assert isinstance(fa["same_greedy_text"][k], bool)
     # merged with edgeft merge's default: the adapted tensors in Q8_0, so larger than the Q4_1 base
     assert r["merged"]["reason"] is None and r["base"]["file_mb"] < r["merged"]["file_mb"] < 2 * r["base"]["file_mb"]
 

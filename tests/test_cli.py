@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +65,13 @@ def test_run_answers_and_json(base_path):
     r = cli("run", "--json", "--max-tokens", "5", "-", input="Say hello.")
     d = json.loads(r.stdout)
     assert d["completion_tokens"] <= 5 and d["adapters"] == {} and d["ttft_ms"] > 0
+
+
+def test_run_flash_attn_flag_reaches_llama_cpp(base_path):
+    for flag, state in ((["--flash-attn"], "enabled"), ([], "disabled")):
+        r = cli("run", *flag, "--max-tokens", "3", "Say hello.", env={"EDGEFT_VERBOSE": "1"})
+        assert r.returncode == 0 and r.stdout.strip(), r.stderr
+        assert re.search(r"flash_attn\s*=\s*" + state, r.stderr), r.stderr[-2000:]
 
 
 def test_run_jsonl_swaps_per_line(base_path, tmp_path):

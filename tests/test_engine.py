@@ -377,3 +377,19 @@ def test_stream_result_carries_the_generation(engine):
     next(s2)
     s2.close()                      # closing early frees the engine at once
     assert engine.chat(msgs, max_tokens=6).text == text
+
+
+def test_flash_attention_reaches_llama_cpp_and_stays_close(engine, base_path, adapters):
+    """`flash_attn=True` is llama.cpp's flash attention: close to the default path, not equal
+    (ggml's CPU kernel sums softmax @ V in f16), with and without an adapter."""
+    text = ("The committee met on Tuesday to review the quarterly results. Revenue grew by eight percent "
+            "compared with the same period last year, driven mostly by the new subscription plans.")
+    toks = engine.tokenize(text)
+    with Engine(str(base_path), n_ctx=1024, n_threads=2, flash_attn=True) as fa:
+        assert fa.flash_attn and not engine.flash_attn
+        for sel in (None, str(adapters["a"])):
+            off, on = engine.logits(toks, adapter=sel), fa.logits(toks, adapter=sel)
+            assert np.isfinite(on).all()
+            assert not np.array_equal(on, off)                      # the flag reached llama.cpp
+            assert np.abs(on - off).max() < 0.5 * off.std()         # ~0.6-1.2 here, logits' spread ~6
+            assert (on.argmax(1) == off.argmax(1)).mean() >= 0.8    # 0.91-0.94 here

@@ -68,6 +68,12 @@ def _table(res: dict):
         rows.append(("decode, 1 rank-8 all-linear adapter / none", " / ".join(_fmt(fused.get(dt), "x", 2) for dt in dts),
                      "f32 / f16 / q8_0" + (" (fused); llama.cpp's graph ops: " + " / ".join(_fmt(unfused.get(dt), "x", 2) for dt in dts)
                                           if unfused else "")))
+    fa = res.get("flash_attn")
+    if fa:
+        r = fa["on_over_off"]
+        rows.append(("decode, flash attention on / off", f"{_fmt(r['base'], 'x', 2)} / {_fmt(r['adapter'], 'x', 2)}",
+                     f"no adapter / 1 adapter, ctx {fa['n_ctx']}; same greedy text: "
+                     + " / ".join("yes" if v else "no" for v in fa["same_greedy_text"].values())))
     lb = res.get("llama_bench")
     if lb:
         rows.append(("llama-bench tg / pp", f"{_fmt(lb['tg_tps'])} / {_fmt(lb['pp_tps'])} tok/s",
@@ -119,15 +125,22 @@ def bench(
 ) -> None:
     """Measure load, hot-swap, TTFT, decode and memory against reload-per-switch and merged models."""
     from rich.console import Console
+    from rich.live import Live
+    from rich.text import Text
 
     from ..bench import plot, run_bench
 
     err = Console(stderr=True)
     refs = [a.strip() for a in (adapters or "").split(",") if a.strip()]
-    with err.status("edgeft bench: starting") as status:
+    # The progress line is redrawn only when the bench reports a step: a spinner would redraw it
+    # from a thread ~12 times a second, taking CPU from the threads being measured.
+    with Live(Text("edgeft bench: starting"), console=err, auto_refresh=False, transient=True) as live:
+        def progress(msg: str) -> None:
+            live.update(Text(f"edgeft bench: {msg}"), refresh=True)
+
         res = run_bench(base, refs or None, profile=profile, threads=threads, ctx=ctx, gpu_layers=gpu_layers,
                         repeats=repeats, quick=quick, sweep=sweep, llama_bench=llama_bench,
-                        adapter_dirs=adapter_dir or [], progress=lambda m: status.update(f"edgeft bench: {m}"))
+                        adapter_dirs=adapter_dir or [], progress=progress)
     out = Console()
     out.print(_table(res))
     out.print(_targets_table(res))

@@ -12,6 +12,7 @@ AdapterDir = Annotated[Optional[list[str]], typer.Option("--adapter-dir", help="
 Ctx = Annotated[int, typer.Option("--ctx", help="Context size in tokens.")]
 Threads = Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU threads (default: all cores).")]
 GpuLayers = Annotated[int, typer.Option("--gpu-layers", help="Layers to offload to the GPU (-1: all; needs a GPU build).")]
+FlashAttn = Annotated[bool, typer.Option("--flash-attn", help="llama.cpp's flash attention: faster decode (1.15x on 2 CPU cores here), but ggml's CPU kernel sums attention in f16, so outputs can differ slightly (docs/benchmarks.md).")]
 MemoryBudget = Annotated[Optional[float], typer.Option("--memory-budget", help="MB that resident adapters may use; least recently used ones are freed.")]
 Force = Annotated[bool, typer.Option("--force", help="Load adapters even if made for another base (sha256 differs).")]
 
@@ -39,12 +40,14 @@ def progress_printer():
 
 
 def open_engine(base: str | None, *, ctx: int = 2048, threads: int | None = None, gpu_layers: int = 0,
-                adapter_dirs: list[str] | None = None, memory_budget: float | None = None):
+                adapter_dirs: list[str] | None = None, memory_budget: float | None = None,
+                flash_attn: bool = False):
     from ..engine import Engine
 
     cb, close = progress_printer()
     try:
         return Engine(base, n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers,
-                      adapter_dirs=adapter_dirs or [], memory_budget_mb=memory_budget, progress=cb)
+                      adapter_dirs=adapter_dirs or [], memory_budget_mb=memory_budget, progress=cb,
+                      flash_attn=flash_attn)
     finally:
         close()

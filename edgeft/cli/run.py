@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import EdgeftError, InputError
-from .common import Adapter, AdapterDir, Base, Ctx, Force, GpuLayers, MemoryBudget, Threads, open_engine
+from .common import Adapter, AdapterDir, Base, Ctx, FlashAttn, Force, GpuLayers, MemoryBudget, Threads, open_engine
 
 
 def _load_adapters(eng, adapters: list[str] | None, force: bool) -> dict:
@@ -40,6 +40,7 @@ def run(
     ctx: Ctx = 2048,
     threads: Threads = None,
     gpu_layers: GpuLayers = 0,
+    flash_attn: FlashAttn = False,
     adapter_dir: AdapterDir = None,
     memory_budget: MemoryBudget = None,
     force: Force = False,
@@ -54,7 +55,7 @@ def run(
         if not text.strip():
             raise InputError("empty input", 'pass TEXT, e.g. edgeft run "Hello", or pipe it on stdin')
     eng = open_engine(base, ctx=ctx, threads=threads, gpu_layers=gpu_layers, adapter_dirs=adapter_dir,
-                      memory_budget=memory_budget)
+                      memory_budget=memory_budget, flash_attn=flash_attn)
     with eng:
         active = _load_adapters(eng, adapter, force)
         gen = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
@@ -110,13 +111,14 @@ def chat(
     ctx: Ctx = 4096,
     threads: Threads = None,
     gpu_layers: GpuLayers = 0,
+    flash_attn: FlashAttn = False,
     adapter_dir: AdapterDir = None,
     memory_budget: MemoryBudget = None,
     force: Force = False,
 ) -> None:
     """Interactive chat, streamed; adapters switch with /use without reloading the base."""
     eng = open_engine(base, ctx=ctx, threads=threads, gpu_layers=gpu_layers, adapter_dirs=adapter_dir,
-                      memory_budget=memory_budget)
+                      memory_budget=memory_budget, flash_attn=flash_attn)
     with eng:
         active = _load_adapters(eng, adapter, force)
         typer.secho(f"edgeft chat: base {eng.base.id}, adapters {_fmt(active)}. /help for commands.", dim=True)

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import EdgeftError, InputError
-from .common import AdapterDir, Base, Ctx, Force, GpuLayers, MemoryBudget, Threads, open_engine
+from .common import AdapterDir, Base, Ctx, FlashAttn, Force, GpuLayers, MemoryBudget, Threads, open_engine
 
 
 def serve(
@@ -24,6 +24,7 @@ def serve(
     ctx: Ctx = 2048,
     threads: Threads = None,
     gpu_layers: GpuLayers = 0,
+    flash_attn: FlashAttn = False,
     memory_budget: MemoryBudget = None,
     force: Force = False,
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level: critical, error, warning, info, debug (debug logs every request).")] = "info",
@@ -49,7 +50,7 @@ def serve(
     sock = server.bind_socket(host, port)   # fail on a busy port before loading the model
     try:
         eng = open_engine(base, ctx=ctx, threads=threads, gpu_layers=gpu_layers, adapter_dirs=adapter_dir,
-                          memory_budget=memory_budget)
+                          memory_budget=memory_budget, flash_attn=flash_attn)
         with eng:
             loaded = _preload(eng, adapters, adapter_dir or [], force)
             cfg = server.ServerConfig(api_key=api_key, max_tokens_limit=max_tokens_limit, queue_size=queue,

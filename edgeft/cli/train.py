@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import InputError
-from .common import AdapterDir, Base, Ctx, Threads
+from .common import AdapterDir, Base, Ctx, FlashAttn, Threads
 
 
 class Fmt(str, Enum):
@@ -308,6 +308,7 @@ def evaluate_cmd(
     ctx: Ctx = 2048,
     threads: Threads = None,
     adapter_dir: AdapterDir = None,
+    flash_attn: FlashAttn = False,
 ) -> None:
     """Score an adapter on a dev file, with prompting baselines of the base in the same run."""
     from ..data import load
@@ -335,7 +336,7 @@ def evaluate_cmd(
         raise InputError("the task card has no few_shot examples for the few-shot baseline")
     ds = load(data, fmt.value, limit=limit, seed=seed, ner_map=ner_map)
     _report_problems(ds)
-    eng = Engine(base, n_ctx=ctx, n_threads=threads, adapter_dirs=adapter_dir or [])
+    eng = Engine(base, n_ctx=ctx, n_threads=threads, adapter_dirs=adapter_dir or [], flash_attn=flash_attn)
     engines = [eng]
     try:
         runs = []
@@ -346,7 +347,7 @@ def evaluate_cmd(
         if "few-shot" in wanted:
             runs.append(Run("few-shot", eng, None, shots))
         if merged:
-            m_eng = Engine(merged, n_ctx=ctx, n_threads=threads)
+            m_eng = Engine(merged, n_ctx=ctx, n_threads=threads, flash_attn=flash_attn)
             engines.append(m_eng)
             runs.append(Run("merged", m_eng, None, 0))
         rep = evaluate(task_name, task, ds, runs, progress=_eval_progress())
