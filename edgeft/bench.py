@@ -729,8 +729,8 @@ def _llama_bench_pairs(lb_bin: Path, eng, model: Path, *, threads: int, gpu_laye
                     "edgeft); pp: -p 64 -r 3 afterwards"}
 
 
-def _flash_attn_pairs(eng, base_path: Path, adapter: tuple[str, Path], *, gpu_layers: int, tokens: int,
-                      rounds: int, say: Progress) -> dict:
+def _flash_attn_pairs(eng, base_path: Path, adapter: tuple[str, Path], *, gpu_layers: int, use_mlock: bool,
+                      tokens: int, rounds: int, say: Progress) -> dict:
     """edgeft's decode with llama.cpp's flash attention against without, at the profile's context:
     `eng` (off) and a second engine with it on, the same request back to back (order flipping
     every round), with no adapter and with `adapter`. Also: whether greedy text stays the same
@@ -739,7 +739,7 @@ def _flash_attn_pairs(eng, base_path: Path, adapter: tuple[str, Path], *, gpu_la
 
     name, path = adapter
     on = Engine(str(base_path), n_ctx=eng.n_ctx, n_threads=eng.n_threads, n_batch=eng._b.n_batch,
-                n_gpu_layers=gpu_layers, flash_attn=True)
+                n_gpu_layers=gpu_layers, use_mlock=use_mlock, flash_attn=True)
     sels = {"base": {}, "adapter": {name: 1.0}}
     tps: dict[str, dict[str, list[float]]] = {m: {k: [] for k in sels} for m in ("off", "on")}
     text: dict[str, dict[str, str]] = {"off": {}, "on": {}}
@@ -977,8 +977,13 @@ def run_bench(base: str | None = None, adapters: Sequence[str] | None = None, *,
             lb_pairs = _llama_bench_pairs(lb_bin, eng, base_path, threads=prof.threads, gpu_layers=gpu_layers,
                                           tokens=n_dec, rounds=3 if quick else 20, say=say)
         say("flash attention on / off")
-        res["flash_attn"] = _flash_attn_pairs(eng, base_path, (names[0], refs[0][1]), gpu_layers=gpu_layers,
-                                              tokens=n_dec, rounds=2 if quick else 8, say=say)
+        try:
+            res["flash_attn"] = _flash_attn_pairs(eng, base_path, (names[0], refs[0][1]), gpu_layers=gpu_layers,
+                                                  use_mlock=prof.use_mlock, tokens=n_dec, rounds=2 if quick else 8,
+                                                  say=say)
+        except Exception as e:  # a third engine may not fit (e.g. all layers on a small GPU): report, go on
+            log.warning("flash attention comparison unavailable: %s", e)
+            res["flash_attn"] = {"reason": f"{type(e).__name__}: {e}"}
         all_modes = ("base", "adapter", "two_adapters", "merged")
         decode_tps = {m: _med(dec[m]["tps"]) if m in dec else None for m in all_modes}
         raw = {m: {"wall_tps": _med(dec[m]["raw_wall"]), "cpu_tps": _med(dec[m]["raw_cpu"]),

@@ -393,3 +393,23 @@ def test_flash_attention_reaches_llama_cpp_and_stays_close(engine, base_path, ad
             assert not np.array_equal(on, off)                      # the flag reached llama.cpp
             assert np.abs(on - off).max() < 0.5 * off.std()         # ~0.6-1.2 here, logits' spread ~6
             assert (on.argmax(1) == off.argmax(1)).mean() >= 0.8    # 0.91-0.94 here
+
+
+def test_logits_view_follows_llama_cpps_buffer(engine, adapters):
+    """The generation loop reads logits through a view cached by buffer address: after
+    `Engine.logits` (all-token outputs: llama.cpp reallocates its output buffer) the next
+    generation must read the new buffer, not a stale one."""
+    prompt = "Write one sentence about rivers."
+    before = engine.complete(prompt, adapter=None, max_tokens=12, temperature=0.0).text
+    b = engine._b
+    first = b._row_address
+    toks = engine.tokenize("The quick brown fox jumps over the lazy dog. " * 6)
+    all_rows = engine.logits(toks, adapter=None)          # 60+ outputs at once
+    with engine._lock:
+        b.memory_clear()
+        b.decode(toks)
+        np.testing.assert_array_equal(b.last_logits(), all_rows[-1])  # batched prefill: same rows bit for bit
+        moved = b._row_address != first
+        engine._invalidate_kv()
+    assert engine.complete(prompt, adapter=None, max_tokens=12, temperature=0.0).text == before
+    assert moved, "llama.cpp kept its output buffer: this test no longer covers the address change"

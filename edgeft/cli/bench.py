@@ -69,7 +69,7 @@ def _table(res: dict):
                      "f32 / f16 / q8_0" + (" (fused); llama.cpp's graph ops: " + " / ".join(_fmt(unfused.get(dt), "x", 2) for dt in dts)
                                           if unfused else "")))
     fa = res.get("flash_attn")
-    if fa:
+    if fa and "on_over_off" in fa:
         r = fa["on_over_off"]
         rows.append(("decode, flash attention on / off", f"{_fmt(r['base'], 'x', 2)} / {_fmt(r['adapter'], 'x', 2)}",
                      f"no adapter / 1 adapter, ctx {fa['n_ctx']}; same greedy text: "
