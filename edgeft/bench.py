@@ -526,6 +526,41 @@ def _decode_runs(modes: dict[str, tuple[Any, dict]], repeats: int, n_tokens: int
     return out
 
 
+def _interleaved_decode(ref, modes: dict[str, tuple[Any, dict]], n: int) -> dict:
+    """llama.cpp decode of each mode against the bare base on `ref` (a second context on the same
+    base file), alternating token by token, the order flipping every token. Both sides of a
+    ratio then see the same machine load within ~20 ms, where whole rounds of 64 tokens move by
+    +-10% on a noisy host: this is the precise estimate of what an adapter costs per token.
+    Returns per mode: median of the per-token time ratios (ref / mode = mode tok/s over base),
+    its p10-p90, and each side's median tok/s."""
+    out: dict[str, dict] = {}
+    for mode, (eng, sel) in modes.items():
+        with eng._lock, ref._lock:
+            eng._apply(eng._resolve(sel))  # reloads an adapter an LRU budget evicted
+            ref._apply({})
+            a, b = eng._b, ref._b
+            toks = a.tokenize(DECODE_PROMPT)
+            try:
+                for x in (a, b):  # prompt in KV; the first single-token graph is built untimed
+                    x.memory_clear()
+                    x.decode(toks)
+                    x.decode_one(toks[-1])
+                ta: list[float] = []
+                tb: list[float] = []
+                for i in range(n):
+                    for x, acc in ((a, ta), (b, tb)) if i % 2 == 0 else ((b, tb), (a, ta)):
+                        t0 = time.perf_counter()
+                        x.decode_one(toks[-1])
+                        acc.append(time.perf_counter() - t0)
+            finally:
+                eng._invalidate_kv()
+                ref._invalidate_kv()
+        ratios = [tb_i / ta_i for ta_i, tb_i in zip(ta, tb) if ta_i > 0]
+        out[mode] = {"ratio": _med(ratios), "ratio_p10_p90": _p10_p90(ratios),
+                     "tps": 1.0 / _med(ta), "base_tps": 1.0 / _med(tb), "tokens": n}
+    return out
+
+
 def _reload_per_switch(base_path: Path, prof: Profile, gpu_layers: int, adapter_paths: list[Path],
                        prompt: str, repeats: int, use_mmap: bool) -> dict:
     """Switch tasks the way llama-cpp-python's high-level API allows: free the model and build a
@@ -911,7 +946,7 @@ def run_bench(base: str | None = None, adapters: Sequence[str] | None = None, *,
         say("swap (set adapters + KV invalidation)")
         tight = _swap_tight(eng, a_sel, b_sel, 200 if quick else 1000)
         say("swap penalty on the next request")
-        pen = _swap_penalty(eng, a_sel, b_sel, PENALTY_PROMPT, 12 * reps)  # 60 pairs: ~70 ms requests, +-10 ms
+        pen = _swap_penalty(eng, a_sel, b_sel, PENALTY_PROMPT, (6 if quick else 12) * reps)  # 60 pairs: ~70 ms requests, +-10 ms
         res["swap_ms"] = dict(pen["swap_ms_in_traffic"], tight=dist(tight))
         res["swap_ttft_penalty_ms"] = dict(pen["penalty_ms"], detail=pen)
 
@@ -971,15 +1006,27 @@ def run_bench(base: str | None = None, adapters: Sequence[str] | None = None, *,
             if not lb_bin.is_file() or not os.access(lb_bin, os.X_OK):
                 raise InputError(f"llama-bench not found or not executable: {lb_bin}",
                                  "build it from llama.cpp (cmake --build build --target llama-bench)")
-        dec = _decode_runs(modes, 2 * reps, n_dec, say)  # 10 rounds (4 quick): its ratios are the noisiest here
+        dec = _decode_runs(modes, reps if quick else 2 * reps, n_dec, say)  # 10 rounds (2 quick)
         lb_pairs = None
         if lb_bin is not None:  # right after edgeft's own decode rounds, on the same engine
             lb_pairs = _llama_bench_pairs(lb_bin, eng, base_path, threads=prof.threads, gpu_layers=gpu_layers,
                                           tokens=n_dec, rounds=3 if quick else 20, say=say)
+        say("decode, token by token against a second context of the base")
+        plain = Engine(str(base_path), n_ctx=prof.n_ctx, n_threads=prof.threads, n_batch=prof.n_batch,
+                       n_gpu_layers=gpu_layers, use_mlock=prof.use_mlock)
+        opened.append(plain)
+        inter = _interleaved_decode(plain, {m: v for m, v in modes.items() if m != "base"}, 64 if quick else 256)
+        plain.close()
+        res["decode_ratio_interleaved"] = dict(
+            {m: inter[m]["ratio"] if m in inter else None for m in ("adapter", "two_adapters", "merged")},
+            detail=inter,
+            note="llama.cpp decode alone, each mode against the bare base on a second context, alternating "
+                 "token by token; median of per-token ratios (the headline decode ratio: drift cannot "
+                 "separate the two sides)")
         say("flash attention on / off")
         try:
             res["flash_attn"] = _flash_attn_pairs(eng, base_path, (names[0], refs[0][1]), gpu_layers=gpu_layers,
-                                                  use_mlock=prof.use_mlock, tokens=n_dec, rounds=2 if quick else 8,
+                                                  use_mlock=prof.use_mlock, tokens=n_dec, rounds=1 if quick else 8,
                                                   say=say)
         except Exception as e:  # a third engine may not fit (e.g. all layers on a small GPU): report, go on
             log.warning("flash attention comparison unavailable: %s", e)
@@ -1236,7 +1283,8 @@ def evaluate_targets(res: dict) -> list[dict]:
         ("next-request TTFT penalty p50", g("swap_ttft_penalty_ms", "p50"), "<=", 5.0, "ms"),
         ("reload-per-switch / swap", g("switch_ratio", "reload_over_swap"), ">=", 100.0, "x"),
         ("RSS added per resident adapter / file size", g("rss_mb", "per_adapter_over_file"), "<=", 1.1, "x"),
-        ("decode with 1 adapter / without", g("decode_ratio", "adapter"), ">=", 0.90, "x"),
+        ("decode with 1 adapter / without", g("decode_ratio_interleaved", "adapter") or g("decode_ratio", "adapter"),
+         ">=", 0.90, "x"),
         ("edgeft decode / llama-bench tg", lb, ">=", 0.95, "x"),
     ]
     out = []

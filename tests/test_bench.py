@@ -166,6 +166,15 @@ def test_bench_quick_json(tmp_path, base_path):
         _num(r["prefill_tps"][k])
     for k in ("base", "adapter", "two_adapters", "merged"):
         _num(r["decode_tps"][k], 0, 10_000)
+    il = r["decode_ratio_interleaved"]
+    for k in ("adapter", "two_adapters", "merged"):
+        _num(il[k], 0, 10)
+        d = il["detail"][k]
+        assert d["tokens"] == 64 and d["ratio"] == il[k]
+        _num(d["tps"], 0, 10_000)
+        _num(d["base_tps"], 0, 10_000)
+        assert d["ratio_p10_p90"][0] <= il[k] <= d["ratio_p10_p90"][1]
+    assert r["targets"][4]["value"] == il["adapter"]  # the decode target reads the token-by-token ratio
     fa = r["flash_attn"]
     assert fa["n_ctx"] == r["profile"]["n_ctx"] and fa["adapter"] == r["adapters"][0]["name"]
     for k in ("base", "adapter"):

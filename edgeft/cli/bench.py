@@ -52,6 +52,9 @@ def _table(res: dict):
          "1 adapter / none: " + _fmt(res["decode_ratio"]["adapter"], "x", 2)
          + " (best rounds " + _fmt(res["decode_ratio_best"]["adapter"], "x", 2)
          + ", CPU time " + _fmt(res["decode_ratio_cpu"]["adapter"], "x", 2) + ")"),
+        ("decode / none, token by token", " / ".join(_fmt((res.get("decode_ratio_interleaved") or {}).get(m), "x", 3)
+                                                     for m in ("adapter", "two_adapters", "merged")),
+         "1 / 2 mixed / merged; llama.cpp decode alone, alternating tokens with a second base context"),
         ("llama.cpp decode alone (no sampling)",
          " / ".join(_fmt((res["decode_raw"].get(m) or {}).get("wall_tps")) for m in ("base", "adapter", "two_adapters", "merged")) + " tok/s",
          "none / 1 / 2 mixed / merged"),
