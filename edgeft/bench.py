@@ -627,46 +627,24 @@ def _child(spec: dict, probe: str = "_memory_probe", env: dict[str, str] | None 
     return json.loads(proc.stdout)
 
 
-def _decode_pairs(eng, names: Sequence[str], rounds: int, tokens: int,
-                  say: Progress | None = None) -> tuple[dict[str, list[float]], dict[str, list[float]], list[float]]:
-    """llama.cpp decode with each resident adapter relative to none, as back-to-back pairs (none,
-    then the adapter), so the machine's load changes little within a pair. Returns the wall and
-    CPU-time ratios per adapter, one per round, and the bare base's wall tok/s of every pair."""
-    ratio: dict[str, list[float]] = {name: [] for name in names}
-    ratio_cpu: dict[str, list[float]] = {name: [] for name in names}
-    base_wall: list[float] = []
-    for r in range(rounds):
-        if say is not None:
-            say(f"decode sweep, round {r + 1}/{rounds}")
-        for name in names:
-            w0, c0 = _raw_decode(eng, {}, tokens)
-            w1, c1 = _raw_decode(eng, {name: 1.0}, tokens)
-            base_wall.append(w0)
-            ratio[name].append(w1 / w0)
-            if c0 and c1:
-                ratio_cpu[name].append(c1 / c0)
-    return ratio, ratio_cpu, base_wall
-
-
 def _p10_p90(values: Sequence[float]) -> list[float]:
     return [float(np.percentile(values, 10)), float(np.percentile(values, 90))]
 
 
-def _decode_pairs_probe(spec: dict) -> dict:
-    """In a fresh process: `_decode_pairs` for a process whose environment differs (e.g. ggml's
-    CPU fusions off)."""
+def _interleaved_probe(spec: dict) -> dict:
+    """In a fresh process: `_interleaved_decode` of each adapter against the bare base, for a
+    process whose environment differs (e.g. ggml's CPU fusions off)."""
     from . import _llama
     from .engine import Engine
 
-    with Engine(spec["base"], n_ctx=spec["n_ctx"], n_threads=spec["threads"]) as eng:
+    kw = dict(n_ctx=spec["n_ctx"], n_threads=spec["threads"])
+    with Engine(spec["base"], **kw) as eng, Engine(spec["base"], **kw) as plain:
         for name, path in spec["adapters"].items():
             eng.load_adapter(path, name=name)
-        for name in spec["adapters"]:
-            _raw_decode(eng, {name: 1.0}, 4)  # graphs built outside the timing
-        ratio, _, _ = _decode_pairs(eng, list(spec["adapters"]), spec["rounds"], spec["tokens"])
+        got = _interleaved_decode(plain, {name: (eng, {name: 1.0}) for name in spec["adapters"]}, spec["tokens"])
     return {"lora_decode_fused": _llama.lora_decode_fused(),
-            "ratio": {k: _med(v) for k, v in ratio.items()},
-            "ratio_p10_p90": {k: _p10_p90(v) for k, v in ratio.items()}}
+            "ratio": {k: v["ratio"] for k, v in got.items()},
+            "ratio_p10_p90": {k: v["ratio_p10_p90"] for k, v in got.items()}}
 
 
 def _memory_probe(spec: dict) -> dict:
@@ -1151,9 +1129,10 @@ def run_bench(base: str | None = None, adapters: Sequence[str] | None = None, *,
 
 def _decode_sweep(eng, base_path: Path, work: Path, reps: int, say: Progress) -> dict:
     """llama.cpp decode speed with one rank-8 adapter relative to none, per adapter dtype x
-    target set. Each measurement is a pair run back to back (none, then the adapter), so the
-    machine's load changes little within a pair; ratio = median over rounds of the pair ratios."""
+    target set, token by token against a second context of the bare base
+    (`_interleaved_decode`); and the all-linear rows again with ggml's fusions off, in a child."""
     from . import _llama
+    from .engine import Engine
 
     variants = []
     for dt in ADAPTER_DTYPES:
@@ -1161,16 +1140,20 @@ def _decode_sweep(eng, base_path: Path, work: Path, reps: int, say: Progress) ->
             name = f"sweep-{dt}-{tname}"
             p = write_random_adapter(work / f"{name}.gguf", base_path, rank=8, targets=targets, seed=7, dtype=dt)
             variants.append((name, dt, tname, p))
-    n_dec = 32
-    rounds = max(8, reps)
+    n_dec = max(160, 32 * reps)
     mb = {}
     saved_budget, eng.memory_budget_mb = eng.memory_budget_mb, None  # all variants resident at once
+    plain = Engine(str(base_path), n_ctx=eng.n_ctx, n_threads=eng.n_threads, n_batch=eng._b.n_batch)
     try:
         for name, _, _, p in variants:
             eng.load_adapter(str(p), name=name)
             mb[name] = eng.adapters[name].mb
-        ratio, ratio_cpu, base_wall = _decode_pairs(eng, [v[0] for v in variants], rounds, n_dec, say)
+        got: dict[str, dict] = {}
+        for i, (name, dt, tname, _) in enumerate(variants):
+            say(f"decode sweep, {i + 1}/{len(variants)}: {dt} {tname}")
+            got.update(_interleaved_decode(plain, {name: (eng, {name: 1.0})}, n_dec))
     finally:
+        plain.close()
         for name in mb:
             eng.unload_adapter(name)
         eng.memory_budget_mb = saved_budget
@@ -1179,22 +1162,22 @@ def _decode_sweep(eng, base_path: Path, work: Path, reps: int, say: Progress) ->
         # the same all-linear rows with llama.cpp's plain graph (4 ops per adapted matrix), in a
         # child process: ggml reads GGML_CPU_DISABLE_FUSION once, at start-up
         say("decode sweep, unfused (child process)")
-        spec = {"base": str(base_path), "n_ctx": eng.n_ctx, "threads": eng.n_threads, "rounds": rounds,
-                "tokens": n_dec, "adapters": {name: str(p) for name, _, tname, p in variants if tname == "all7"}}
-        got = _child(spec, "_decode_pairs_probe", env={"GGML_CPU_DISABLE_FUSION": "1"})
-        unfused = [{"dtype": dt, "targets": tname, "ratio": got["ratio"][name],
-                    "ratio_p10_p90": got["ratio_p10_p90"][name]}
-                   for name, dt, tname, _ in variants if name in got["ratio"]]
-    rows = [{"dtype": dt, "targets": tname, "rank": 8, "adapter_mb": mb[name],
-             "ratio": _med(ratio[name]), "ratio_p10_p90": _p10_p90(ratio[name]),
-             "ratio_cpu": _med(ratio_cpu[name])}
+        spec = {"base": str(base_path), "n_ctx": eng.n_ctx, "threads": eng.n_threads, "tokens": n_dec,
+                "adapters": {name: str(p) for name, _, tname, p in variants if tname == "all7"}}
+        child = _child(spec, "_interleaved_probe", env={"GGML_CPU_DISABLE_FUSION": "1"})
+        unfused = [{"dtype": dt, "targets": tname, "ratio": child["ratio"][name],
+                    "ratio_p10_p90": child["ratio_p10_p90"][name]}
+                   for name, dt, tname, _ in variants if name in child["ratio"]]
+    rows = [{"dtype": dt, "targets": tname, "rank": 8, "adapter_mb": mb[name], "ratio": got[name]["ratio"],
+             "ratio_p10_p90": got[name]["ratio_p10_p90"], "tps": got[name]["tps"], "base_tps": got[name]["base_tps"]}
             for name, dt, tname, _ in variants]
-    return {"base_wall_tps": _med(base_wall), "tokens": n_dec, "rounds": rounds, "rows": rows,
+    return {"base_wall_tps": _med([r["base_tps"] for r in rows]), "tokens": n_dec, "rows": rows,
             "lora_decode_fused": _llama.lora_decode_fused(), "unfused_rows": unfused,
             "note": "llama.cpp decode alone, one rank-8 adapter; ratio = tok/s with it / without, median of "
-                    "back-to-back pairs; q8_0 = lora_a in Q8_0, lora_b in F16 (its rows hold only r values); "
-                    "unfused_rows: the same in a child process with GGML_CPU_DISABLE_FUSION=1 (llama.cpp's "
-                    "4 graph ops per adapted matrix instead of edgeft's fused op, cmake/patches 0002)"}
+                    "per-token ratios against a second context of the bare base, alternating token by token; "
+                    "q8_0 = lora_a in Q8_0, lora_b in F16 (its rows hold only r values); unfused_rows: the "
+                    "same in a child process with GGML_CPU_DISABLE_FUSION=1 (llama.cpp's 4 graph ops per "
+                    "adapted matrix instead of edgeft's fused op, cmake/patches 0002)"}
 
 
 def _evictions(eng, refs, budget: float, reps: int, say: Progress) -> dict:

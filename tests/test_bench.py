@@ -206,17 +206,17 @@ def test_bench_quick_json(tmp_path, base_path):
 
 
 @pytest.mark.slow
-def test_decode_pairs_probe_runs_in_a_child_with_the_fusion_off(tmp_path, base_path):
+def test_interleaved_probe_runs_in_a_child_with_the_fusion_off(tmp_path, base_path):
     """The sweep's `unfused_rows` come from this child: ggml reads GGML_CPU_DISABLE_FUSION at
     start-up, so the child (not the parent) must see the environment."""
     from edgeft import _llama
 
     p = bench.write_random_adapter(tmp_path / "a.gguf", base_path, rank=8, seed=5)
-    spec = {"base": str(base_path), "n_ctx": 256, "threads": 1, "rounds": 1, "tokens": 4, "adapters": {"a": str(p)}}
-    off = bench._child(spec, "_decode_pairs_probe", env={"GGML_CPU_DISABLE_FUSION": "1"})
+    spec = {"base": str(base_path), "n_ctx": 256, "threads": 1, "tokens": 6, "adapters": {"a": str(p)}}
+    off = bench._child(spec, "_interleaved_probe", env={"GGML_CPU_DISABLE_FUSION": "1"})
     assert off["lora_decode_fused"] is False
     _num(off["ratio"]["a"], 0, 10)
     lo, hi = off["ratio_p10_p90"]["a"]
-    assert lo <= hi
-    on = bench._child(spec, "_decode_pairs_probe")
+    assert lo <= off["ratio"]["a"] <= hi
+    on = bench._child(spec, "_interleaved_probe")
     assert on["lora_decode_fused"] is _llama.lora_decode_fused()  # the parent's environment
