@@ -990,17 +990,21 @@ def run_bench(base: str | None = None, adapters: Sequence[str] | None = None, *,
             lb_pairs = _llama_bench_pairs(lb_bin, eng, base_path, threads=prof.threads, gpu_layers=gpu_layers,
                                           tokens=n_dec, rounds=3 if quick else 20, say=say)
         say("decode, token by token against a second context of the base")
-        plain = Engine(str(base_path), n_ctx=prof.n_ctx, n_threads=prof.threads, n_batch=prof.n_batch,
-                       n_gpu_layers=gpu_layers, use_mlock=prof.use_mlock)
-        opened.append(plain)
-        inter = _interleaved_decode(plain, {m: v for m, v in modes.items() if m != "base"}, 64 if quick else 256)
-        plain.close()
-        res["decode_ratio_interleaved"] = dict(
-            {m: inter[m]["ratio"] if m in inter else None for m in ("adapter", "two_adapters", "merged")},
-            detail=inter,
-            note="llama.cpp decode alone, each mode against the bare base on a second context, alternating "
-                 "token by token; median of per-token ratios (the headline decode ratio: drift cannot "
-                 "separate the two sides)")
+        try:
+            plain = Engine(str(base_path), n_ctx=prof.n_ctx, n_threads=prof.threads, n_batch=prof.n_batch,
+                           n_gpu_layers=gpu_layers, use_mlock=prof.use_mlock)
+            opened.append(plain)
+            inter = _interleaved_decode(plain, {m: v for m, v in modes.items() if m != "base"}, 64 if quick else 256)
+            plain.close()
+            res["decode_ratio_interleaved"] = dict(
+                {m: inter[m]["ratio"] if m in inter else None for m in ("adapter", "two_adapters", "merged")},
+                detail=inter,
+                note="llama.cpp decode alone, each mode against the bare base on a second context, alternating "
+                     "token by token; median of per-token ratios (the headline decode ratio: drift cannot "
+                     "separate the two sides)")
+        except Exception as e:  # a second context may not fit (e.g. all layers on a small GPU): the
+            log.warning("token-by-token decode unavailable: %s", e)  # target falls back to decode_ratio
+            res["decode_ratio_interleaved"] = {"reason": f"{type(e).__name__}: {e}"}
         say("flash attention on / off")
         try:
             res["flash_attn"] = _flash_attn_pairs(eng, base_path, (names[0], refs[0][1]), gpu_layers=gpu_layers,
@@ -1053,7 +1057,7 @@ def run_bench(base: str | None = None, adapters: Sequence[str] | None = None, *,
 
         # -- decode cost per adapter dtype and target set --------------------------------------
         if sweep:
-            res["decode_sweep"] = _decode_sweep(eng, base_path, work, reps, say)
+            res["decode_sweep"] = _decode_sweep(eng, base_path, work, reps, say, gpu_layers=gpu_layers)
 
         # -- evictions under the profile's adapter budget ---------------------------------------
         res["evictions"] = _evictions(eng, refs, budget, reps, say) if budget else None
@@ -1127,7 +1131,7 @@ def run_bench(base: str | None = None, adapters: Sequence[str] | None = None, *,
     return _rounded(res)
 
 
-def _decode_sweep(eng, base_path: Path, work: Path, reps: int, say: Progress) -> dict:
+def _decode_sweep(eng, base_path: Path, work: Path, reps: int, say: Progress, gpu_layers: int = 0) -> dict:
     """llama.cpp decode speed with one rank-8 adapter relative to none, per adapter dtype x
     target set, token by token against a second context of the bare base
     (`_interleaved_decode`); and the all-linear rows again with ggml's fusions off, in a child."""
@@ -1143,7 +1147,8 @@ def _decode_sweep(eng, base_path: Path, work: Path, reps: int, say: Progress) ->
     n_dec = max(160, 32 * reps)
     mb = {}
     saved_budget, eng.memory_budget_mb = eng.memory_budget_mb, None  # all variants resident at once
-    plain = Engine(str(base_path), n_ctx=eng.n_ctx, n_threads=eng.n_threads, n_batch=eng._b.n_batch)
+    plain = Engine(str(base_path), n_ctx=eng.n_ctx, n_threads=eng.n_threads, n_batch=eng._b.n_batch,
+                   n_gpu_layers=gpu_layers)  # placed like `eng`, or the ratio compares devices
     try:
         for name, _, _, p in variants:
             eng.load_adapter(str(p), name=name)

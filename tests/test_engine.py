@@ -395,21 +395,23 @@ def test_flash_attention_reaches_llama_cpp_and_stays_close(engine, base_path, ad
             assert (on.argmax(1) == off.argmax(1)).mean() >= 0.8    # 0.91-0.94 here
 
 
-def test_logits_view_follows_llama_cpps_buffer(engine, adapters):
+def test_logits_view_follows_llama_cpps_buffer(base_path):
     """The generation loop reads logits through a view cached by buffer address: after
     `Engine.logits` (all-token outputs: llama.cpp reallocates its output buffer) the next
-    generation must read the new buffer, not a stale one."""
+    generation must read the new buffer, not a stale one. A fresh engine, so its buffer starts
+    at one row whatever other tests did."""
     prompt = "Write one sentence about rivers."
-    before = engine.complete(prompt, adapter=None, max_tokens=12, temperature=0.0).text
-    b = engine._b
-    first = b._row_address
-    toks = engine.tokenize("The quick brown fox jumps over the lazy dog. " * 6)
-    all_rows = engine.logits(toks, adapter=None)          # 60+ outputs at once
-    with engine._lock:
-        b.memory_clear()
-        b.decode(toks)
-        np.testing.assert_array_equal(b.last_logits(), all_rows[-1])  # batched prefill: same rows bit for bit
-        moved = b._row_address != first
-        engine._invalidate_kv()
-    assert engine.complete(prompt, adapter=None, max_tokens=12, temperature=0.0).text == before
-    assert moved, "llama.cpp kept its output buffer: this test no longer covers the address change"
+    with Engine(str(base_path), n_ctx=512, n_threads=2) as eng:
+        before = eng.complete(prompt, adapter=None, max_tokens=12, temperature=0.0).text
+        b = eng._b
+        first = b._row_address
+        toks = eng.tokenize("The quick brown fox jumps over the lazy dog. " * 6)
+        all_rows = eng.logits(toks, adapter=None)          # 60+ outputs at once
+        with eng._lock:
+            b.memory_clear()
+            b.decode(toks)
+            np.testing.assert_array_equal(b.last_logits(), all_rows[-1])  # batched prefill: same rows bit for bit
+            moved = b._row_address != first
+            eng._invalidate_kv()
+        assert eng.complete(prompt, adapter=None, max_tokens=12, temperature=0.0).text == before
+        assert moved, "llama.cpp kept its output buffer: this test no longer covers the address change"
