@@ -700,17 +700,16 @@ def _llama_bench_pairs(lb_bin: Path, eng, model: Path, *, threads: int, gpu_laye
     ours: dict[str, list[float]] = {k: [] for k in engines}
     raw: dict[str, list[float]] = {k: [] for k in engines}
     try:
+        def edgeft_round() -> None:
+            for k, e in engines.items():
+                w, _ = _raw_decode(e, {}, tokens)
+                e.complete(DECODE_PROMPT, adapter={}, max_tokens=1)  # prompt in KV, as in any request
+                ours[k].append(e.complete(DECODE_PROMPT, adapter={}, max_tokens=tokens).decode_tps)
+                raw[k].append(w)
+
         same.complete(DECODE_PROMPT, adapter={}, max_tokens=4)  # warm-up
         for r in range(rounds):
             say(f"llama-bench vs edgeft decode, round {r + 1}/{rounds}")
-
-            def edgeft_round() -> None:
-                for k, e in engines.items():
-                    w, _ = _raw_decode(e, {}, tokens)
-                    e.complete(DECODE_PROMPT, adapter={}, max_tokens=1)  # prompt in KV, as in any request
-                    ours[k].append(e.complete(DECODE_PROMPT, adapter={}, max_tokens=tokens).decode_tps)
-                    raw[k].append(w)
-
             if r % 2:
                 edgeft_round()
             lb.append(run_llama_bench(lb_bin, model, threads=threads, gpu_layers=gpu_layers,
@@ -1002,8 +1001,9 @@ def run_bench(base: str | None = None, adapters: Sequence[str] | None = None, *,
                 note="llama.cpp decode alone, each mode against the bare base on a second context, alternating "
                      "token by token; median of per-token ratios (the headline decode ratio: drift cannot "
                      "separate the two sides)")
-        except Exception as e:  # a second context may not fit (e.g. all layers on a small GPU): the
-            log.warning("token-by-token decode unavailable: %s", e)  # target falls back to decode_ratio
+        except Exception as e:  # a second context may not fit (e.g. all layers on a small GPU);
+            # the decode target then reads decode_ratio
+            log.warning("token-by-token decode unavailable: %s", e)
             res["decode_ratio_interleaved"] = {"reason": f"{type(e).__name__}: {e}"}
         say("flash attention on / off")
         try:
