@@ -49,9 +49,15 @@ if [ -z "$wheel" ]; then
     "llama-cpp-python==$lcp_version" -d "$tmp/sdist"
   tar xzf "$(ls "$tmp"/sdist/*.tar.gz | head -1)" -C "$tmp"
   src=$(ls -d "$tmp"/llama*cpp*python-"$lcp_version" | head -1)
+  # A patch that does not apply (a newer sdist) leaves llama.cpp stock: the runtime detects the
+  # patch level and runs without the patched paths (`edgeft doctor` shows it), so build anyway.
   for p in $patches; do
-    echo "setup.sh: applying $p"
-    (cd "$src" && git apply --directory=vendor/llama.cpp -p1 "$root/$p")
+    if (cd "$src" && git apply --check --directory=vendor/llama.cpp -p1 "$root/$p" 2>/dev/null); then
+      echo "setup.sh: applying $p"
+      (cd "$src" && git apply --directory=vendor/llama.cpp -p1 "$root/$p")
+    else
+      echo "setup.sh: $p does not apply to llama-cpp-python $lcp_version; building without it (stock llama.cpp for that part)" >&2
+    fi
   done
   CMAKE_ARGS="$cmake_args" "$vpy" -m pip wheel --no-deps --no-cache-dir "$src" -w "$tmp/wheel"
   mkdir -p "$wheel_dir"

@@ -42,23 +42,24 @@ _PARTS = {"q_proj": ("self_attn", "attn_q"), "k_proj": ("self_attn", "attn_k"), 
           "down_proj": ("mlp", "ffn_down")}
 
 
-def llama_cpp_python_version() -> str:
+def llama_cpp_python_version() -> str | None:
+    """The installed llama-cpp-python's version (the pin itself lives in pyproject.toml only)."""
     try:
         return importlib.metadata.version("llama-cpp-python")
     except importlib.metadata.PackageNotFoundError:
-        return "0.3.36"
+        return None
 
 
 def find_llama_cpp_source(download: bool = False) -> Path | None:
     """llama.cpp's source tree (vendor/llama.cpp of the llama-cpp-python sdist) with its converters."""
     ver = llama_cpp_python_version()
-    sub = Path(f"llama_cpp_python-{ver}") / "vendor" / "llama.cpp"
     cands = [Path(p) for p in [os.environ.get("EDGEFT_LLAMA_CPP_SRC")] if p]
-    cands += [Path("/tmp/sdist") / sub, edgeft_home() / "src" / sub]
+    if ver is not None:
+        cands.append(edgeft_home() / "src" / f"llama_cpp_python-{ver}" / "vendor" / "llama.cpp")
     for c in cands:
         if (c / "convert_lora_to_gguf.py").is_file():
             return c
-    if not download:
+    if not download or ver is None:
         return None
     return _download_source(ver, edgeft_home() / "src")
 

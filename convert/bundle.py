@@ -9,14 +9,11 @@ with force=True (and only if it is a bundle).
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,13 +21,14 @@ from typing import Callable
 
 from edgeft import __version__
 from edgeft.bundles import CARD_FILE, GGUF_FILE, TaskCard
+from edgeft.cardinfer import GENERIC_STEMS
 from edgeft.errors import EdgeftError
 from edgeft.models import BaseModel, resolve_base
 from edgeft.paths import user_adapters_dir
 from edgeft.registry import is_valid_name
 from edgeft.tasks import TaskSpec
 
-from .fsmode import publish
+from edgeft.files import atomic_dir
 from edgeft.gguf_header import GGUFHeader, read_header
 from .lora_gguf import OUTTYPES, encode_all, fold, runtime_scale, write_adapter
 from .names import BaseLayout, check_saved_weights, plan
@@ -69,8 +67,8 @@ def _load_task_card(path: Path, problems: list[Problem]) -> dict | None:
     except OSError as e:
         problems.append(Problem(f"cannot read task card {path}: {e.strerror or e}", "check the --task-card path"))
         return None
-    except ValueError as e:
-        problems.append(Problem(f"task card {path} is not valid JSON: {e}", "fix the JSON"))
+    except (ValueError, RecursionError) as e:
+        problems.append(Problem(f"task card {path} is not valid JSON: {type(e).__name__}: {e}", "fix the JSON"))
         return None
     if not isinstance(d, dict) or not isinstance(d.get("task"), dict):
         problems.append(Problem(f"task card {path} has no 'task' section",
@@ -123,7 +121,7 @@ def convert_adapter(peft_dir: str | os.PathLike, base: str | os.PathLike | None 
         pairs, more = plan(adapter, layout)
         problems += more + check_saved_weights(adapter, header)
     card_in = _load_task_card(Path(task_card), problems) if task_card else None
-    name = name or (card_in or {}).get("name") or adapter.path.resolve().name
+    name = name or (card_in or {}).get("name") or default_bundle_name(adapter.path)
     if not is_valid_name(name):
         problems.append(Problem(f"'{name}' is not a valid adapter name", "pass --name with letters, digits, '.', '_' or '-' (max 64)"))
     folder = Path(out_dir).expanduser() if out_dir else user_adapters_dir() / name
@@ -142,7 +140,7 @@ def convert_adapter(peft_dir: str | os.PathLike, base: str | os.PathLike | None 
     timings["plan"] = time.perf_counter() - t0 - timings["base"] - timings["read"]
 
     assert layout is not None
-    with _staging(folder) as stage:
+    with atomic_dir(folder) as stage:
         gguf_path = stage / GGUF_FILE
         nbytes = write_adapter(gguf_path, tensors, arch=layout.arch.name, alpha=alpha, name=name)
         card = _make_card(name, adapter, base_model, layout.arch.name, pairs, alpha, outtype, nbytes, card_in,
@@ -160,6 +158,17 @@ def convert_adapter(peft_dir: str | os.PathLike, base: str | os.PathLike | None 
             card.metrics["parity"] = parity
             card.save(stage / CARD_FILE)
     return ConvertResult(folder, folder / GGUF_FILE, card, len(pairs), nbytes, seconds, parity, timings)
+
+
+def default_bundle_name(peft_dir: Path) -> str:
+    """The PEFT folder's name, or its parent's when the folder's own name says nothing about the
+    task (peft/, adapter/, lora/, checkpoint-500/, final/ ...)."""
+    p = Path(peft_dir).resolve()
+    own = p.name
+    if own.lower() in GENERIC_STEMS or own.lower().startswith(("checkpoint", "adapter", "lora")) and p.parent.name:
+        own = p.parent.name
+    clean = "".join(c if c.isalnum() or c in "._-" else "-" for c in own).strip(".-_")
+    return clean[:64] or "adapter"
 
 
 def _make_card(name: str, adapter: PeftAdapter, base: BaseModel, arch: str, pairs, alpha: float, outtype: str,
@@ -193,37 +202,3 @@ def _make_card(name: str, adapter: PeftAdapter, base: BaseModel, arch: str, pair
 def _reproduce(adapter: PeftAdapter, base: BaseModel, name: str, outtype: str, task_card) -> str:
     cmd = f"edgeft convert {adapter.path} --base {base.id if base.manifest else base.path} --name {name} --outtype {outtype}"
     return cmd + (f" --task-card {task_card}" if task_card else "")
-
-
-@contextlib.contextmanager
-def _staging(folder: Path):
-    """A hidden temp folder beside `folder`, renamed over it on success; removed (with any parent
-    folders it had to create) on failure."""
-    folder = folder.absolute()
-    created = []
-    p = folder.parent
-    while not p.exists():
-        created.append(p)
-        p = p.parent
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
-    try:
-        yield stage
-        publish(stage)
-        if folder.exists():
-            old = folder.parent / f".{folder.name}.old-{os.getpid()}"
-            os.replace(folder, old)
-            try:
-                os.replace(stage, folder)
-            except BaseException:
-                os.replace(old, folder)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(stage, folder)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        for d in created:  # deepest first
-            with contextlib.suppress(OSError):
-                d.rmdir()
-        raise

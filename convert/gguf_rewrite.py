@@ -18,7 +18,7 @@ import numpy as np
 
 from edgeft.files import atomic_path
 
-from .fsmode import publish
+from edgeft.files import publish
 from edgeft.gguf_header import GGUFHeader, tensor_bytes
 
 _VT = gguf.GGUFValueType

@@ -19,7 +19,7 @@ import numpy as np
 from edgeft.errors import ConversionError
 from edgeft.files import atomic_path
 
-from .fsmode import publish
+from edgeft.files import publish
 from edgeft.gguf_header import read_header
 from .names import GGUFPair
 from .problems import Problem

@@ -173,7 +173,7 @@ def _read_config(p: Path, problems: list[Problem]) -> dict:
         return {}
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         problems.append(Problem(f"{CONFIG_FILE} is not valid JSON ({e})", "save the adapter again with PEFT"))
         return {}
     if not isinstance(cfg, dict):
@@ -188,8 +188,22 @@ def _read_config(p: Path, problems: list[Problem]) -> dict:
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
         problems.append(Problem(f"r must be a positive integer, not {r!r}", f"fix 'r' in {CONFIG_FILE}"))
     alpha = cfg.get("lora_alpha")
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
-        problems.append(Problem(f"lora_alpha must be a number, not {alpha!r}", f"fix 'lora_alpha' in {CONFIG_FILE}"))
+    if not _positive(alpha):
+        problems.append(Problem(f"lora_alpha must be a number above 0 and at most {MAX_ALPHA:g}, not {alpha!r}",
+                                f"fix 'lora_alpha' in {CONFIG_FILE}"))
+    if cfg.get("fan_in_fan_out"):
+        problems.append(Problem("fan_in_fan_out=true (transposed Conv1D weights, GPT-2 style) is not supported",
+                                "train LoRA on nn.Linear layers (fan_in_fan_out=false)"))
+    tm = cfg.get("target_modules")
+    if tm is not None and not (isinstance(tm, str) and tm) and not (
+            isinstance(tm, list) and tm and all(isinstance(x, str) and x for x in tm)):
+        problems.append(Problem(f"target_modules must be a non-empty list of module names (or a regex), not {tm!r}",
+                                f"fix 'target_modules' in {CONFIG_FILE}"))
+    ltt = cfg.get("layers_to_transform")
+    if ltt is not None and not (isinstance(ltt, int) and not isinstance(ltt, bool) and ltt >= 0) and not (
+            isinstance(ltt, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in ltt)):
+        problems.append(Problem(f"layers_to_transform must be a layer index or a list of them, not {ltt!r}",
+                                f"fix 'layers_to_transform' in {CONFIG_FILE}"))
     for key, (what, fix) in _VARIANTS.items():
         if cfg.get(key):
             problems.append(Problem(what, fix))
@@ -206,6 +220,12 @@ def _read_config(p: Path, problems: list[Problem]) -> dict:
         val = cfg.get(key)
         if val is not None and not isinstance(val, dict):
             problems.append(Problem(f"{key} must be an object, not {type(val).__name__}", f"fix '{key}' in {CONFIG_FILE}"))
+        elif val:
+            ok = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0) if key == "rank_pattern" else _positive
+            bad = {k: v for k, v in val.items() if not ok(v)}
+            if bad:
+                problems.append(Problem(f"{key} has values that are not positive numbers: {bad}",
+                                        f"fix '{key}' in {CONFIG_FILE}"))
     task = cfg.get("task_type")
     if task not in (None, "CAUSAL_LM"):
         log.warning("task_type is %s; edgeft runs the adapter inside a causal LM", task)
@@ -218,6 +238,14 @@ def _read_config(p: Path, problems: list[Problem]) -> dict:
         else:
             log.warning("ignoring unknown adapter_config.json key %s=%r", key, val)
     return cfg
+
+
+MAX_ALPHA = 65536.0
+MAX_WEIGHT = 1e8      # |w| of a LoRA factor: trained ones stay below 100; 3e38 passes isfinite and overflows later
+
+
+def _positive(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 < v <= MAX_ALPHA
 
 
 def _read_weights(p: Path, problems: list[Problem]) -> tuple[dict[str, np.ndarray] | None, set[str]]:
@@ -288,6 +316,8 @@ def _pair_modules(tensors: dict[str, np.ndarray], cfg: dict, problems: list[Prob
     alpha_pat = cfg.get("alpha_pattern") or {}
     rank_pat = rank_pat if isinstance(rank_pat, dict) else {}
     alpha_pat = alpha_pat if isinstance(alpha_pat, dict) else {}
+    tm = cfg.get("target_modules")
+    targeted = set(tm) if isinstance(tm, list) and all(isinstance(x, str) for x in tm) else None
     r_default = cfg.get("r") if isinstance(cfg.get("r"), int) else None
     alpha_default = cfg.get("lora_alpha") if isinstance(cfg.get("lora_alpha"), (int, float)) else None
     rslora = bool(cfg.get("use_rslora"))
@@ -307,10 +337,20 @@ def _pair_modules(tensors: dict[str, np.ndarray], cfg: dict, problems: list[Prob
             problems.append(Problem(f"'{mod}': lora_A {a.shape} and lora_B {b.shape} disagree on the rank",
                                     "the weights file is damaged; save the adapter again"))
             continue
+        bad_weights = False
         for which, arr in (("lora_A", a), ("lora_B", b)):
-            if not np.isfinite(arr).all():
+            if arr.dtype.kind != "f":
+                problems.append(Problem(f"'{mod}.{which}' holds {arr.dtype} values, not floating point",
+                                        "save the adapter in float32, float16 or bfloat16"))
+                bad_weights = True
+            elif not np.isfinite(arr).all():
                 problems.append(Problem(f"'{mod}.{which}' contains NaN or Inf",
                                         "training diverged; use an earlier checkpoint or a lower learning rate"))
+            elif arr.size and float(np.abs(arr).max()) > MAX_WEIGHT:
+                problems.append(Problem(f"'{mod}.{which}' has values up to {float(np.abs(arr).max()):.3g}, far beyond "
+                                        "any trained LoRA", "training diverged or the file is damaged; save it again"))
+        if bad_weights:
+            continue
         rank = int(a.shape[0])
         rp = pattern_key(rank_pat, mod)
         r_cfg = rank_pat[rp] if rp is not None else r_default
@@ -319,10 +359,15 @@ def _pair_modules(tensors: dict[str, np.ndarray], cfg: dict, problems: list[Prob
                                     f"{f' (rank_pattern {rp!r})' if rp is not None else ''}",
                                     "the config does not belong to these weights; save the adapter again"))
             continue
+        if targeted is not None and not any(mod == t or mod.endswith("." + t) for t in targeted):
+            problems.append(Problem(f"weights for '{mod}', which target_modules {sorted(targeted)} does not name",
+                                    "the config does not belong to these weights; save the adapter again"))
+            continue
         ap = pattern_key(alpha_pat, mod)
-        alpha = float(alpha_pat[ap]) if ap is not None else (float(alpha_default) if alpha_default is not None else None)
-        if alpha is None:
+        alpha_v = alpha_pat[ap] if ap is not None else alpha_default
+        if not _positive(alpha_v):
             continue  # reported by the config checks
+        alpha = float(alpha_v)
         scale = alpha / (math.sqrt(rank) if rslora else rank)
         modules[mod] = LoraModule(mod, a, b, alpha, scale, embedding=mod in embed)
     return modules

@@ -23,7 +23,7 @@ import numpy as np
 
 from edgeft.errors import ConversionError
 
-from .fsmode import publish
+from edgeft.files import publish
 from edgeft.gguf_header import GGUFHeader, read_header, read_tensor
 from .gguf_rewrite import Progress, rewrite_gguf
 

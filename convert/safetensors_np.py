@@ -39,18 +39,29 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
         raise ConversionError(f"{p} is not a safetensors file (bad header length)", "save the adapter again")
     try:
         header = json.loads(data[8:8 + n])
-    except ValueError as e:
-        raise ConversionError(f"{p}: the safetensors header is not valid JSON: {e}", "save the adapter again") from None
+    except (ValueError, RecursionError) as e:
+        raise ConversionError(f"{p}: the safetensors header is not valid JSON: {type(e).__name__}: {e}",
+                              "save the adapter again") from None
+    if not isinstance(header, dict):
+        raise ConversionError(f"{p}: the safetensors header is not a JSON object", "save the adapter again")
     meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict):
+        meta = {}
+    spans: list[tuple[int, int, str]] = []
     base = 8 + n
     arrays: dict[str, np.ndarray] = {}
     dtypes: dict[str, str] = {}
     bad: list[str] = []
     for name, info in header.items():
         try:
-            dt, shape, (begin, end) = info["dtype"], [int(x) for x in info["shape"]], info["data_offsets"]
+            dt, shape, (begin, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
+            if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in [*shape, begin, end]):
+                raise TypeError("shape and data_offsets must be non-negative integers")
+            if not isinstance(dt, str) or len(shape) > 8:
+                raise TypeError("bad dtype or too many dimensions")
         except (KeyError, TypeError, ValueError):
             raise ConversionError(f"{p}: malformed header entry for '{name}'", "save the adapter again") from None
+        spans.append((begin, end, name))
         np_dt = _DTYPES.get(dt)
         if np_dt is None:
             bad.append(f"{name} ({dt})")
@@ -69,6 +80,11 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
     if bad:
         raise ConversionError(f"{p}: unsupported tensor dtype(s): {', '.join(bad[:5])}",
                               "save the adapter in float32, float16 or bfloat16")
+    spans.sort()
+    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise ConversionError(f"{p}: tensors '{n0}' and '{n1}' overlap in the file",
+                                  "the file is damaged; save the adapter again")
     return arrays, dtypes, meta
 
 

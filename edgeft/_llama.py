@@ -11,6 +11,7 @@ each is feature-detected once here.
 from __future__ import annotations
 
 import ctypes
+import math
 import functools
 import json
 import logging
@@ -23,7 +24,7 @@ from typing import Any, Sequence
 import llama_cpp
 import numpy as np
 
-from .errors import AdapterError, InputError, ModelError
+from .errors import AdapterError, InputError, ModelError, shown
 
 log = logging.getLogger(__name__)
 
@@ -222,14 +223,81 @@ def quantize_model(src: str, dst: str, ftype: int, *, nthread: int = 0, allow_re
                          "check that the input is a complete base model; run with EDGEFT_VERBOSE=1 to see why")
 
 
+# -- crash reports ---------------------------------------------------------------------------
+# Validation cannot be complete: llama.cpp may still die on a signal. The CLI installs a handler
+# that turns that into one line naming what was being done (and with which file) instead of a bare
+# "Segmentation fault". What is being done is a breadcrumb set at each call into llama.cpp that
+# takes user files or values.
+_doing = ["working"]
+_SIGNALS = {"SIGSEGV": "a segmentation fault", "SIGABRT": "an abort", "SIGBUS": "a bus error",
+            "SIGFPE": "an arithmetic fault", "SIGILL": "an illegal instruction"}
+_crash_handlers: list = []
+
+
+def doing(what: str) -> None:
+    """Record what the next llama.cpp calls are about (shown if llama.cpp crashes)."""
+    _doing[0] = what
+
+
+def install_crash_reporter() -> bool:
+    """On a fatal signal inside llama.cpp, print `error: llama.cpp crashed ... while <breadcrumb>`
+    and a hint, and exit with code 1. For single-threaded commands (run, chat, eval): the handler
+    re-enters Python on the crashing thread, which ctypes released the GIL on."""
+    import signal
+
+    if _crash_handlers or os.environ.get("EDGEFT_DEBUG"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:
+        return False
+    handler_t = ctypes.CFUNCTYPE(None, ctypes.c_int)
+    libc.signal.restype = ctypes.c_void_p
+    libc.signal.argtypes = [ctypes.c_int, handler_t]
+
+    def on_signal(signum: int) -> None:
+        name = next((n for n in _SIGNALS if getattr(signal, n, None) == signum), f"signal {signum}")
+        hint = ("llama.cpp was built for another CPU: rebuild it with ./setup.sh --preset cpu" if name == "SIGILL"
+                else "the file may be damaged or unsupported: check it with `edgeft doctor` or convert it again; "
+                     "EDGEFT_VERBOSE=1 shows llama.cpp's log")
+        msg = f"error: llama.cpp crashed ({_SIGNALS.get(name, name)}) while {_doing[0]}\nhint: {hint}\n"
+        try:
+            os.write(2, msg.encode("utf-8", "replace"))
+        finally:
+            os._exit(1)
+
+    h = handler_t(on_signal)
+    for name in _SIGNALS:
+        num = getattr(signal, name, None)
+        if num is not None:
+            libc.signal(int(num), h)
+    _crash_handlers.append(h)   # keep the callback alive
+    return True
+
+
 @dataclass
 class Sampling:
+    """Sampling values, checked before llama.cpp sees them: a NaN / Inf / huge temperature with a
+    grammar aborts the process inside llama.cpp ("Unexpected empty grammar stack")."""
+
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0
     seed: int | None = None
     grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        for name, lo, hi in (("temperature", 0.0, 100.0), ("top_p", 0.0, 1.0), ("min_p", 0.0, 1.0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
+                raise InputError(f"{name} must be a number from {lo:g} to {hi:g}, got {shown(v)}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 0 <= self.top_k <= 1_000_000:
+            raise InputError(f"top_k must be a whole number from 0 to 1000000, got {shown(self.top_k)}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise InputError(f"seed must be a whole number, got {shown(self.seed)}")
+        if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar.strip()):
+            raise InputError("the output grammar is empty or not text")
 
 
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)], align=True)
@@ -303,6 +371,12 @@ class Sampler:
             self._all["p"] = 0.0
             arr = self._array(self._all)
             llama_cpp.llama_sampler_apply(self.grammar, ctypes.byref(arr))
+            if not np.isfinite(self._all["logit"]).any():
+                # accepting any token now would abort the process inside llama.cpp
+                self._all["id"] = np.arange(self._n_vocab, dtype=np.int32)
+                raise InputError("no token fits the output constraint here: the grammar allows nothing more, "
+                                 "or the model produced NaN logits",
+                                 "check the task card's grammar / JSON schema, or the adapter's scale")
             llama_cpp.llama_sampler_apply(self.ptr, ctypes.byref(arr))
             tok = int(self._all["id"][arr.selected])
         self._all["id"] = np.arange(self._n_vocab, dtype=np.int32)  # samplers may reorder the buffer
@@ -331,6 +405,7 @@ class Backend:
         if verbose and not _verbosity:
             set_log_verbosity(1)
         _last_errors.clear()
+        doing(f"loading the base model {model_path}")
         try:
             self.llm = llama_cpp.Llama(
                 model_path=str(model_path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
@@ -402,6 +477,7 @@ class Backend:
     # -- evaluation ---------------------------------------------------------------------
     def decode(self, tokens: Sequence[int]) -> None:
         """Append tokens to sequence 0 (positions follow what the KV memory holds)."""
+        doing("generating an answer (the adapters in use, the grammar or the sampling values may be at fault)")
         n = len(tokens)
         for i in range(0, n, self.n_batch):
             chunk = tokens[i:i + self.n_batch]
@@ -480,6 +556,7 @@ class Backend:
     # -- adapters -----------------------------------------------------------------------
     def adapter_load(self, path: str) -> Any:
         _last_errors.clear()
+        doing(f"loading the adapter {path}")
         handle = _adapter_init(self.model, str(path).encode("utf-8"))
         if not handle:
             why = last_llama_error()

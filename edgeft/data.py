@@ -42,14 +42,18 @@ DEFAULT_NER_MAP = {
 
 @dataclass
 class Example:
-    """One row: `input` goes through TaskSpec.messages (or `messages` is the prompt as it is),
-    `output` is the answer text to train on, `reference` the gold value for metrics."""
+    """One row: `input` goes through TaskSpec.messages (or `messages`, a multi-turn history
+    without its system message, goes through TaskSpec.conversation), `output` is the answer text
+    to train on, `reference` the gold value for metrics. `system` is the row's own system prompt
+    (chat rows), which card inference reads and the card's prompt replaces."""
 
     output: str
     input: str | None = None
     messages: list[dict] | None = None
     reference: Any = None
     line: int = 0
+    system: str | None = None
+    chat: bool = False
 
 
 @dataclass
@@ -138,7 +142,16 @@ def _chat(row: dict, _m) -> Example:
             raise ValueError("each message needs a string 'role' and 'content'")
     if msgs[-1]["role"] != "assistant" or not msgs[-1]["content"].strip():
         raise ValueError("the last message must be a non-empty assistant answer")
-    return Example(output=msgs[-1]["content"], messages=[dict(m) for m in msgs[:-1]], reference=msgs[-1]["content"])
+    prompt = [{"role": m["role"], "content": m["content"]} for m in msgs[:-1]]
+    system = prompt.pop(0)["content"] if prompt and prompt[0]["role"] == "system" else None
+    if not prompt or prompt[-1]["role"] != "user" or not prompt[-1]["content"].strip():
+        raise ValueError("the answer must follow a non-empty user message")
+    if any(m["role"] not in ("user", "assistant") for m in prompt):
+        raise ValueError("after the first system message only 'user' and 'assistant' roles may follow")
+    answer = msgs[-1]["content"].strip()
+    if len(prompt) == 1:   # one question, one answer: the user message is the task's input
+        return Example(output=answer, input=prompt[0]["content"], reference=answer, system=system, chat=True)
+    return Example(output=answer, messages=prompt, reference=answer, system=system, chat=True)
 
 
 def _prompt(row: dict, _m) -> Example:

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import codecs
 import logging
+import math
 import os
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence, Union
 
 from . import _llama
 from .bundles import AdapterBundle
@@ -36,6 +37,17 @@ log = logging.getLogger(__name__)
 
 AdapterSpec = Union[None, str, Mapping[str, float], Sequence[str]]
 _UNSET: Any = object()
+MAX_SCALE = 16.0   # |scale| of one adapter; far beyond any useful mix, and far from Inf in llama.cpp
+
+
+def _scale(ref: str, v: Any) -> float:
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        raise InputError(f"adapter scale for '{ref}' is not a number: {v!r}") from None
+    if isinstance(v, bool) or not math.isfinite(x) or abs(x) > MAX_SCALE:
+        raise InputError(f"adapter scale for '{ref}' must be a finite number from -{MAX_SCALE:g} to {MAX_SCALE:g}, got {v!r}")
+    return x
 
 
 def parse_adapter_spec(spec: AdapterSpec) -> dict[str, float]:
@@ -43,13 +55,7 @@ def parse_adapter_spec(spec: AdapterSpec) -> dict[str, float]:
     if spec is None:
         return {}
     if isinstance(spec, Mapping):
-        out = {}
-        for k, v in spec.items():
-            try:
-                out[str(k)] = float(v)
-            except (TypeError, ValueError):
-                raise InputError(f"adapter scale for '{k}' is not a number: {v!r}") from None
-        return out
+        return {str(k): _scale(str(k), v) for k, v in spec.items()}
     items: list[str] = []
     for part in ([spec] if isinstance(spec, str) else list(spec)):
         items.extend(p.strip() for p in str(part).split(",") if p.strip())
@@ -59,9 +65,10 @@ def parse_adapter_spec(spec: AdapterSpec) -> dict[str, float]:
             continue
         ref, sep, scale = item.rpartition("=") if "=" in item else (item, "", "1")
         try:
-            out[ref.strip()] = float(scale)
+            float(scale)
         except ValueError:
             raise InputError(f"bad adapter scale in '{item}'", "write NAME or NAME=SCALE, e.g. ner=0.5") from None
+        out[ref.strip()] = _scale(ref.strip(), scale)
     return out
 
 
@@ -97,21 +104,29 @@ class Generation:
 
 
 class Stream:
-    """Text pieces of a streamed generation; `.result` is its Generation once it has ended.
+    """Text pieces of a streamed generation; `.result` is its Generation once it has ended
+    (for a task answer, with `.value` parsed by the card once the stream is exhausted).
 
     The engine stays locked while the stream is open: exhaust it or `close()` it (a `with`
     block does) so other callers can go on.
     """
 
-    def __init__(self, it: Iterator[str], sink: list):
+    def __init__(self, it: Iterator[str], sink: list, on_end: "Callable[[Generation], None] | None" = None):
         self._it = it
         self._sink = sink
+        self._on_end = on_end
 
     def __iter__(self) -> "Stream":
         return self
 
     def __next__(self) -> str:
-        return next(self._it)
+        try:
+            return next(self._it)
+        except StopIteration:
+            if self._on_end is not None and self._sink:
+                on_end, self._on_end = self._on_end, None
+                on_end(self._sink[0])
+            raise
 
     def close(self) -> None:
         self._it.close()
@@ -362,24 +377,34 @@ class Engine:
         return sink[0]
 
     def run(self, text: str, *, adapter: AdapterSpec = _UNSET, stream: bool = False, shots: int = 0,
-            system: str | None | bool = True, **gen) -> Any:
-        """One task answer: the active adapter's task card decides prompt, constraint and defaults."""
+            system: str | None | bool = True, task: TaskSpec | None = None, **gen) -> Any:
+        """One task answer: the task card (`task`, else the active adapter's) decides prompt,
+        output constraint and defaults. `task` gives a card to a merged model or the bare base.
+        The answer's `.value` is the parsed label / JSON / text (None when invalid), for a
+        stream once it is exhausted (`stream.result.value`)."""
         if not isinstance(text, str) or not text.strip():
             raise InputError("empty input", "give some text to work on")
         gen = {k: v for k, v in gen.items() if v is not None}
-        task = self.task_for(adapter)
+        if task is None:
+            task = self.task_for(adapter)
         if task is None:
             return self.chat([{"role": "user", "content": text}], adapter=adapter, stream=stream, **gen)
         opts = {"max_tokens": task.max_tokens, "temperature": task.temperature, "stop": task.stop,
                 "grammar": task.output.grammar()}
         opts.update(gen)
-        res = self.chat(task.messages(text, system=system, shots=shots), adapter=adapter, stream=stream, **opts)
+        msgs = task.messages(text, system=system, shots=shots)
+
+        def set_value(res: Generation) -> None:
+            try:
+                res.value = task.output.parse(res.text)
+            except InputError:
+                res.value = None
         if stream:
-            return res
-        try:
-            res.value = task.output.parse(res.text)
-        except InputError:
-            res.value = None
+            s = self.chat(msgs, adapter=adapter, stream=True, **opts)
+            s._on_end = set_value
+            return s
+        res = self.chat(msgs, adapter=adapter, **opts)
+        set_value(res)
         return res
 
     def logits(self, tokens: Sequence[int], *, adapter: AdapterSpec = _UNSET) -> "np.ndarray":

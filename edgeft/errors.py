@@ -33,3 +33,13 @@ class InputError(EdgeftError):
 
 class ConversionError(EdgeftError):
     """A PEFT adapter cannot be converted, merged or quantized."""
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """A user's value for an error line: its repr cut to `limit` characters; a value too deep
+    or too odd to repr is named by its type."""
+    try:
+        r = repr(value)
+    except (RecursionError, ValueError):
+        return f"<{type(value).__name__}>"
+    return r if len(r) <= limit else r[: limit - 3] + "..."

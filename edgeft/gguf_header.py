@@ -109,6 +109,9 @@ def _value(c: _Cursor, vt: int):
     if vt == _VT.ARRAY:
         it = _VT(c.u32())
         n = c.u64()
+        if n > (len(c.buf) - c.pos) // max(1, 8 if it == _VT.STRING else _SIZE.get(it, 1)):
+            raise ConversionError(f"{c.path}: a GGUF array claims {n} items, more than the file holds",
+                                  "the file is damaged; fetch or convert it again")
         if it == _VT.STRING:
             if n <= SMALL_ARRAY:
                 return [c.string() for _ in range(n)], (vt, it)
@@ -149,8 +152,10 @@ def _read_header(p: Path) -> GGUFHeader:
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             try:
                 return _parse(mm, p, size)
-            except (struct.error, ValueError, UnicodeDecodeError) as e:
-                raise ConversionError(f"{p} is not a valid GGUF file: {e}", "the file is damaged; fetch it again") from None
+            except (struct.error, ValueError, UnicodeDecodeError, OverflowError, KeyError, TypeError,
+                    ZeroDivisionError, IndexError, MemoryError) as e:
+                raise ConversionError(f"{p} is not a valid GGUF file ({type(e).__name__}: {e})",
+                                      "the file is damaged; fetch it again") from None
 
 
 def _parse(mm, p: Path, size: int) -> GGUFHeader:
@@ -162,6 +167,9 @@ def _parse(mm, p: Path, size: int) -> GGUFHeader:
     if version < 2:
         raise ConversionError(f"{p}: GGUF version {version} is too old", "convert the model again with a current llama.cpp")
     n_tensors, n_kv = c.u64(), c.u64()
+    if n_kv > (size - c.pos) // 12 or n_tensors > (size - c.pos) // 24:   # each entry takes at least that
+        raise ConversionError(f"{p}: the GGUF header claims {n_kv} keys and {n_tensors} tensors, more than the file holds",
+                              "the file is damaged; fetch or convert it again")
     kv: dict[str, Any] = {}
     kv_types: dict[str, tuple] = {}
     kv_start = c.pos
@@ -174,11 +182,16 @@ def _parse(mm, p: Path, size: int) -> GGUFHeader:
         kv_types[key] = types
         kv_spans[key] = (start, c.pos)
     kv_end = c.pos
-    alignment = int(kv.get(gguf.Keys.General.ALIGNMENT, gguf.GGUF_DEFAULT_ALIGNMENT))
+    alignment = kv.get(gguf.Keys.General.ALIGNMENT, gguf.GGUF_DEFAULT_ALIGNMENT)
+    if isinstance(alignment, bool) or not isinstance(alignment, int) or not 1 <= alignment <= 1 << 16 \
+            or alignment & (alignment - 1):
+        raise ConversionError(f"{p}: general.alignment {alignment!r} is not a power of two", "the file is damaged")
     raw = []
     for _ in range(n_tensors):
         name = c.string()
         nd = c.u32()
+        if not 1 <= nd <= 4:   # GGML_MAX_DIMS
+            raise ConversionError(f"{p}: tensor '{name}' claims {nd} dimensions", "the file is damaged")
         shape = tuple(c.u64() for _ in range(nd))
         ttype = gguf.GGMLQuantizationType(c.u32())
         off = c.u64()

@@ -7,6 +7,7 @@ the pure-Python `gguf` reader first, so a bad file becomes a clear error instead
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +15,13 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from .errors import AdapterError, ModelError
+from .errors import AdapterError, ModelError, shown
 from .gguf_header import read_header
 
 _FLOAT_TYPES = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
+# LoRA tensor types llama.cpp's adapter path runs; others (I32, F64, ...) crash it on load
+LORA_TYPES = _FLOAT_TYPES | {gguf.GGMLQuantizationType.Q8_0}
+MAX_ALPHA = 65536.0   # alpha / rank is the runtime scale; 3.4e38 makes llama.cpp abort (FACTS)
 
 
 def _check_magic(path: Path, what: str, error: type) -> None:
@@ -34,6 +38,9 @@ def _check_magic(path: Path, what: str, error: type) -> None:
 
 def _open(path: Path, what: str, error: type) -> gguf.GGUFReader:
     _check_magic(path, what, error)
+    # edgeft's own header reader first: bounded, it refuses a damaged header in milliseconds,
+    # where gguf.GGUFReader can spin for a minute on one (a STRING key retyped as ARRAY)
+    read_header(path, error=error)
     try:
         return gguf.GGUFReader(path, "r")
     except Exception as e:  # the reader raises ValueError, IndexError, struct errors... on damage
@@ -135,6 +142,12 @@ def inspect_adapter(path: str | os.PathLike, base: BaseInfo | None = None) -> Ad
         raise AdapterError(f"{p} is not a LoRA adapter ({kind})", "convert a PEFT adapter with `edgeft convert`")
     _check_bounds(r, p, "adapter", AdapterError)
     alpha = field_value(r, gguf.Keys.Adapter.LORA_ALPHA)
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+                              or not math.isfinite(alpha) or not 0 <= alpha <= MAX_ALPHA):
+        raise AdapterError(f"adapter {p.name}: adapter.lora.alpha must be a number from 0 to {MAX_ALPHA:g}, got {shown(alpha)}",
+                           "the file is damaged or was written by a broken converter; convert it again")
+    if not isinstance(arch, str) or not arch:
+        raise AdapterError(f"adapter {p.name} has no general.architecture", "convert it again with `edgeft convert`")
     if base is not None and arch != base.architecture:
         raise AdapterError(f"adapter {p.name} is for architecture '{arch}', the base is '{base.architecture}'",
                            "use an adapter trained for this base, or load the matching base")
@@ -150,47 +163,57 @@ def inspect_adapter(path: str | os.PathLike, base: BaseInfo | None = None) -> Ad
             problems.append(f"tensor '{t.name}' is neither .lora_a nor .lora_b")
     pairs: dict[str, tuple[int, str]] = {}
     for name in sorted(set(a_t) | set(b_t)):
-        a, b = a_t.get(name), b_t.get(name)
-        if a is None or b is None:
-            problems.append(f"'{name}' has {'lora_b' if a is None else 'lora_a'} without its "
-                            f"{'lora_a' if a is None else 'lora_b'}")
-            continue
-        ash, bsh = tuple(int(x) for x in a.shape), tuple(int(x) for x in b.shape)
-        if len(ash) != 2 or len(bsh) != 2:
-            problems.append(f"'{name}': lora tensors must be 2-D (a {ash}, b {bsh})")
-            continue
-        is_embd = name.endswith("token_embd.weight")
-        rank = ash[0] if is_embd else ash[1]
-        if base is not None:
-            bt = base.tensors.get(name)
-            if bt is None:
-                problems.append(f"'{name}' does not exist in the base model")
-                continue
-            if is_embd:
-                ok = bt[0] == bsh[1] and bt[1] == ash[1] and ash[0] == bsh[0]
-            else:
-                ok = bt[0] == ash[0] and bt[1] == bsh[1] and ash[1] == bsh[0]
-            if not ok:
-                problems.append(f"'{name}': lora_a {ash} / lora_b {bsh} do not fit the base tensor {bt}")
-                continue
-            if is_embd and "output.weight" not in base.tensors:
-                # llama.cpp reuses token_embd as the output matrix of a tied-embedding base and
-                # would apply the embedding LoRA there too: a shape assertion that kills the process
-                problems.append(f"'{name}': embedding LoRA on a base with tied embeddings (no output.weight), "
-                                "which llama.cpp cannot run; train without embed_tokens in target_modules")
-                continue
-        elif not is_embd and ash[1] != bsh[0]:
-            problems.append(f"'{name}': rank of lora_a ({ash[1]}) != rank of lora_b ({bsh[0]})")
-            continue
-        for t in (a, b):
-            if not _finite(t):
-                problems.append(f"'{t.name}' contains NaN or Inf")
-        pairs[name] = (rank, a.tensor_type.name)
+        rank = _check_pair(name, a_t.get(name), b_t.get(name), base, problems)
+        if rank is not None:
+            pairs[name] = (rank, a_t[name].tensor_type.name)
     if not pairs and not problems:
         problems.append("it holds no lora_a/lora_b tensor pairs")
     if problems:
-        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
-        raise AdapterError(f"adapter {p.name} is invalid: {shown}",
+        listed = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise AdapterError(f"adapter {p.name} is invalid: {listed}",
                            "this adapter was made for another base, or the file is damaged; convert it again")
     nbytes = sum(int(t.n_bytes) for t in r.tensors)
     return AdapterInfo(p, str(arch), float(alpha) if alpha is not None else None, pairs, nbytes)
+
+
+def _check_pair(name: str, a, b, base: BaseInfo | None, problems: list[str]) -> int | None:
+    """The rank of one lora_a / lora_b pair, or None with the reasons added to `problems`."""
+    if a is None or b is None:
+        problems.append(f"'{name}' has {'lora_b' if a is None else 'lora_a'} without its "
+                        f"{'lora_a' if a is None else 'lora_b'}")
+        return None
+    bad_type = [t for t in (a, b) if t.tensor_type not in LORA_TYPES]
+    if bad_type:
+        problems.extend(f"'{t.name}' is stored as {getattr(t.tensor_type, 'name', t.tensor_type)}; LoRA tensors must be "
+                        "F32, F16, BF16 or Q8_0" for t in bad_type)
+        return None
+    ash, bsh = tuple(int(x) for x in a.shape), tuple(int(x) for x in b.shape)
+    if len(ash) != 2 or len(bsh) != 2:
+        problems.append(f"'{name}': lora tensors must be 2-D (a {ash}, b {bsh})")
+        return None
+    is_embd = name.endswith("token_embd.weight")
+    rank = ash[0] if is_embd else ash[1]
+    if base is not None:
+        bt = base.tensors.get(name)
+        if bt is None:
+            problems.append(f"'{name}' does not exist in the base model")
+            return None
+        if is_embd:
+            ok = bt[0] == bsh[1] and bt[1] == ash[1] and ash[0] == bsh[0]
+        else:
+            ok = bt[0] == ash[0] and bt[1] == bsh[1] and ash[1] == bsh[0]
+        if not ok:
+            problems.append(f"'{name}': lora_a {ash} / lora_b {bsh} do not fit the base tensor {bt}")
+            return None
+        if is_embd and "output.weight" not in base.tensors:
+            # llama.cpp reuses token_embd as the output matrix of a tied-embedding base and
+            # would apply the embedding LoRA there too: a shape assertion that kills the process
+            problems.append(f"'{name}': embedding LoRA on a base with tied embeddings (no output.weight), "
+                            "which llama.cpp cannot run; train without embed_tokens in target_modules")
+            return None
+    elif not is_embd and ash[1] != bsh[0]:
+        problems.append(f"'{name}': rank of lora_a ({ash[1]}) != rank of lora_b ({bsh[0]})")
+        return None
+    non_finite = [t.name for t in (a, b) if not _finite(t)]
+    problems.extend(f"'{n}' contains NaN or Inf" for n in non_finite)
+    return None if non_finite else rank

@@ -76,6 +76,49 @@ def find_in_registry(ref: str, roots: Iterable[str | os.PathLike]) -> AdapterBun
     raise AdapterError(f"unknown adapter '{ref}'", "name a registered adapter")
 
 
+def add(path: str | os.PathLike, *, name: str | None = None, force: bool = False) -> AdapterBundle:
+    """Copy a bundle folder into the registry (EDGEFT_HOME/adapters/NAME), so that `run`, `chat`,
+    `serve` and the Python API find it by name. The bundle is checked first: its card, its GGUF
+    (structure, and shapes against its base when that base is pulled). A new `name` is written
+    into the copy's card. The copy is atomic; an existing NAME is replaced only with force."""
+    from .files import atomic_dir
+    from .gguf_info import base_info, inspect_adapter
+    from .models import manifests, is_verified
+
+    src = Path(path).expanduser()
+    if not src.is_dir():
+        raise AdapterError(f"{src} is not a bundle folder", "give the folder that holds adapter.json and adapter.gguf")
+    bundle = AdapterBundle.load(src)
+    name = name or bundle.name
+    if not is_valid_name(name):
+        raise AdapterError(f"'{name}' is not a valid adapter name", "use letters, digits, '.', '_' or '-' (max 64)")
+    m = manifests().get(str(bundle.card.base.get("id")))
+    base = base_info(m.path) if m is not None and is_verified(m) else None
+    if base is not None and bundle.card.base.get("sha256") not in (None, m.sha256):
+        raise AdapterError(f"bundle {src} names base {m.id} but another file of it (sha256 differs)",
+                           "convert or train it again against the pulled base")
+    inspect_adapter(bundle.gguf_path, base)
+    target = user_adapters_dir() / name
+    if target.resolve() == src.resolve():
+        return bundle
+    if target.exists() and not force:
+        raise AdapterError(f"an adapter named '{name}' is already registered ({target})",
+                           "pass --force to replace it, or --name to register under another name")
+    shipped = shipped_models_dir()
+    if shipped is not None and (shipped / "adapters" / name).is_dir():
+        raise AdapterError(f"'{name}' is the name of an adapter shipped with edgeft", "register it under another --name")
+    with atomic_dir(target) as stage:
+        for item in src.iterdir():
+            if item.name.startswith("."):
+                continue
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, stage / item.name)
+        if name != bundle.name:
+            card = bundle.card
+            card.name = name
+            card.save(stage / CARD_FILE)
+    return AdapterBundle.load(target)
+
+
 def remove(name: str) -> Path:
     """Delete a user-installed bundle (shipped ones are read-only)."""
     if not is_valid_name(name):

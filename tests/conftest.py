@@ -38,3 +38,14 @@ def isolated_home(tmp_path, monkeypatch):
     (home / "models").symlink_to(real, target_is_directory=True)
     monkeypatch.setenv("EDGEFT_HOME", str(home))
     return home
+
+
+REAL_BASE_FIXTURES = {"base_path", "engine"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that loads the real 98 MB base is `slow`, marked or not: `pytest -m "not slow"`
+    is the fast lane (tiny models written with numpy/gguf, pure Python), the full run takes all."""
+    for item in items:
+        if REAL_BASE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

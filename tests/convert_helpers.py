@@ -23,7 +23,6 @@ TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
             initializer_range=0.1, rms_norm_eps=1e-5)
 ALL_SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SDIST_VERSION = "0.3.36"
 
 
 def hf_config(arch: str, **over):
@@ -208,7 +207,7 @@ def greedy(logits_fn, prompt: list[int], n: int) -> list[int]:
 def llama_cpp_source() -> Path | None:
     """llama.cpp's source tree from the llama-cpp-python sdist (the reference converter lives there).
 
-    Looked up in $EDGEFT_LLAMA_CPP_SRC, /tmp/sdist and the real EDGEFT_HOME cache; fetched into
+    Looked up in $EDGEFT_LLAMA_CPP_SRC and the real EDGEFT_HOME cache; fetched into
     that cache with `pip download` (PyPI) when missing. None if it cannot be had.
     """
     from edgeft.convert.bench import find_llama_cpp_source

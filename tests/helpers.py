@@ -6,7 +6,7 @@ import contextlib
 import json
 from pathlib import Path
 
-from edgeft.bench import ALL7, write_random_adapter as write_adapter  # noqa: F401  (tests import both from here)
+from edgeft.bench.fixtures import ALL7, write_random_adapter as write_adapter  # noqa: F401  (tests import both from here)
 
 
 def write_bundle(folder: Path, base_path: Path, *, name: str, task: dict | None = None,

@@ -1,8 +1,8 @@
 """edgeft's converter vs llama.cpp's own convert_lora_to_gguf.py on the same plain LoRA adapter:
 the same tensor names, types, shapes and bytes (q/k permutation, token_embd transpose included).
 
-The reference script comes from the llama-cpp-python sdist (/tmp/sdist, or fetched with pip into
-EDGEFT_HOME/src once); it needs torch and transformers, and the base's HF config.json, which the
+The reference script comes from the llama-cpp-python sdist ($EDGEFT_LLAMA_CPP_SRC, or fetched with
+pip into EDGEFT_HOME/src once); it needs torch and transformers, and the base's HF config.json, which the
 tiny model provides.
 """
 

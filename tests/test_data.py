@@ -65,7 +65,7 @@ def test_chat_and_prompt_formats(tmp_path):
         {"messages": [{"role": "user", "content": "hi"}]},
     ])
     ds = load(chat)
-    assert ds.format == "chat" and ds.examples[0].messages == [{"role": "user", "content": "hi"}]
+    assert ds.format == "chat" and ds.examples[0].input == "hi" and ds.examples[0].chat   # one turn: the input
     assert ds.examples[0].output == "hello" and ds.problems[0].startswith("line 2:")
     pc = _jsonl(tmp_path / "p.jsonl", [{"prompt": "2+2?", "completion": "4"}, {"input": "3+3?", "output": "6"}])
     ds = load(pc)

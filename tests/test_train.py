@@ -152,7 +152,7 @@ def test_train_cli_end_to_end_on_the_real_base(tmp_path, base_path):
     out = tmp_path / "adapters" / "sent"
     with _exit_ok():
         main(["train", "--base", str(base_path), "--data", str(data / "train.jsonl"), "--eval", str(data / "dev.jsonl"),
-              "--eval-limit", "2", "--task-card", str(CARDS / "sentiment.json"), "--limit", "4", "--batch", "4",
+              "--eval-limit", "2", "--task-card", str(CARDS / "sentiment.json"), "--limit", "4", "--batch", "4", "--epochs", "1",
               "--max-len", "96", "--rank", "4", "--lr", "1e-2", "--threads", "2", "-o", str(out)])
     b = AdapterBundle.load(out)
     assert b.name == "sentiment" and b.card.task.output.labels == ["negative", "neutral", "positive"]
@@ -162,3 +162,25 @@ def test_train_cli_end_to_end_on_the_real_base(tmp_path, base_path):
     assert lora_b_nonzero(out / "peft")
     assert stat.S_IMODE(os.stat(out / "adapter.gguf").st_mode) & 0o044 == 0o044
     assert sorted(p.name for p in out.parent.iterdir()) == ["sent"]      # no temp folders left
+
+
+def test_validation_rows_pick_the_checkpoint_with_the_lowest_loss(tmp_path, tiny, tokenizer):
+    import copy
+
+    from edgeft.convert.train import TrainConfig, train_lora
+
+    cfg = TrainConfig(rank=4, alpha=8, batch=2, epochs=4, max_len=96, lr=3e-2, checks=4, bf16=False)
+    val = [Example(output="neutral", input="headline about a merger", reference="neutral")] * 2
+    res = train_lora("unused.gguf", _task("sentiment"), _examples(), tmp_path / "p", cfg,
+                     model_and_tokenizer=(copy.deepcopy(tiny), tokenizer), val_examples=val)
+    assert [s for s, _ in res.val_losses] == [4, 8, 12, 16] and res.epochs == 4
+    best = min(res.val_losses, key=lambda sv: sv[1])
+    assert res.best_step == best[0]
+    meta = json.loads((tmp_path / "p" / "training.json").read_text())
+    assert meta["validation"]["best_step"] == res.best_step and meta["validation"]["rows"] == 2
+
+
+def test_epochs_follow_the_data_size():
+    from edgeft.convert.train import auto_epochs
+
+    assert auto_epochs(40) == 10 and auto_epochs(100) == 8 and auto_epochs(400) == 2 and auto_epochs(5000) == 1

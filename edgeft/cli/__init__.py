@@ -22,7 +22,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-_COMMAND_MODULES = ("run", "manage", "convert", "train", "bench", "serve")
+_COMMAND_MODULES = ("run", "manage", "card", "convert", "train", "bench", "serve")
 
 
 def _register_all() -> None:
@@ -41,8 +41,16 @@ def _register_all() -> None:
 _register_all()
 
 
+CRASH_REPORTED = ("run", "chat", "eval", "train", "curve", "merge", "adapters", "doctor")
+
+
 def main(argv: list[str] | None = None) -> None:
     debug = bool(os.environ.get("EDGEFT_DEBUG"))
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in CRASH_REPORTED:   # single-threaded commands; serve keeps the default
+        from .. import _llama
+
+        _llama.install_crash_reporter()
     try:
         rc = app(args=argv, prog_name="edgeft", standalone_mode=False)
         if isinstance(rc, int) and rc:  # click returns (not raises) Exit codes in this mode

@@ -12,7 +12,7 @@ AdapterDir = Annotated[Optional[list[str]], typer.Option("--adapter-dir", help="
 Ctx = Annotated[int, typer.Option("--ctx", help="Context size in tokens.")]
 Threads = Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU threads (default: all cores).")]
 GpuLayers = Annotated[int, typer.Option("--gpu-layers", help="Layers to offload to the GPU (-1: all; needs a GPU build).")]
-FlashAttn = Annotated[bool, typer.Option("--flash-attn", help="llama.cpp's flash attention: faster decode (1.13-1.17x on 2 CPU cores here), but ggml's CPU kernel sums attention in f16, so outputs can differ slightly (docs/benchmarks.md).")]
+FlashAttn = Annotated[bool, typer.Option("--flash-attn", help="llama.cpp's flash attention: faster decode, but ggml's CPU kernel sums attention in f16, so outputs can differ slightly (measured in docs/benchmarks.md).")]
 MemoryBudget = Annotated[Optional[float], typer.Option("--memory-budget", help="MB that resident adapters may use; least recently used ones are freed.")]
 Force = Annotated[bool, typer.Option("--force", help="Load adapters even if made for another base (sha256 differs).")]
 

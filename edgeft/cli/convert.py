@@ -6,7 +6,9 @@ commands, so `edgeft --help` never loads numpy's heavy users, let alone torch.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -21,8 +23,9 @@ Overwrite = Annotated[bool, typer.Option("--force", help="Replace an existing ou
 def convert(
     peft_dir: Annotated[Path, typer.Argument(help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors).")],
     base: Base = None,
-    name: Annotated[Optional[str], typer.Option("--name", "-n", help="Bundle name (default: the task card's name, else the folder's).")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="Bundle name (default: the task card's name, else the folder's).")] = None,
     task_card: Annotated[Optional[Path], typer.Option("--task-card", help="JSON file with a 'task' section (and optionally name, description, metrics) merged into adapter.json.")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", "-d", help="Training data of the adapter (any format): infers the task card from it when --task-card is not given.")] = None,
     outtype: OutType = "f32",
     out_dir: Annotated[Optional[Path], typer.Option("--output", "-o", help="Bundle folder to write (default: EDGEFT_HOME/adapters/NAME, where the runtime finds it by name).")] = None,
     force: Overwrite = False,
@@ -34,9 +37,15 @@ def convert(
     from ..convert.bundle import convert_adapter
 
     status = (lambda m: None) if as_json else (lambda m: typer.echo(m, err=True))
-    res = convert_adapter(peft_dir, base, name=name, out_dir=out_dir, outtype=outtype, task_card=task_card,
-                          force=force, verify=verify, verify_threads=threads, status=status)
+    with _card_for(task_card, data, status) as card_path:
+        res = convert_adapter(peft_dir, base, name=name, out_dir=out_dir, outtype=outtype, task_card=card_path,
+                              force=force, verify=verify, verify_threads=threads, status=status)
     card = res.card
+    task = card.task
+    if task is None or task.output.type == "text":
+        typer.secho("warning: the bundle has " + ("no task card" if task is None else "no output constraint (free text)")
+                    + ": answers are unconstrained; pass --task-card, or --data to infer one from the training rows",
+                    fg=typer.colors.YELLOW, err=True)
     if as_json:
         typer.echo(json.dumps({"folder": str(res.folder), "name": card.name, "base": card.base, "adapter": card.adapter,
                                "seconds": round(res.seconds, 3), "parity": res.parity}, indent=2))
@@ -63,6 +72,25 @@ def convert(
                               f"adapter; the bundle was written to {res.folder}",
                               "check that --base is the model the adapter was trained on; the report is in adapter.json")
     typer.echo(f'  try it: edgeft run --adapter {card.name if out_dir is None else res.folder} "..."')
+
+
+@contextlib.contextmanager
+def _card_for(task_card: Path | None, data: Path | None, say):
+    """The card file to use: the given one, or one inferred from --data in a temp file."""
+    if task_card is not None or data is None:
+        yield task_card
+        return
+    from ..cardinfer import infer_task
+    from ..data import load
+
+    ds = load(data, "auto")
+    inf = infer_task(ds.examples)
+    for note in inf.notes:
+        say(f"card from {data.name}: {note}")
+    with tempfile.TemporaryDirectory() as tmp:
+        p = Path(tmp) / "card.json"
+        p.write_text(json.dumps({"task": inf.task.to_dict()}, ensure_ascii=False))
+        yield p
 
 
 def merge(
@@ -109,7 +137,7 @@ def merge(
 
 def quantize(
     src: Annotated[Path, typer.Argument(help="Base model .gguf (f32/f16/bf16 gives the best quality).")],
-    qtype: Annotated[str, typer.Option("--type", "-t", help="q8_0, q4_0, q4_1, q5_0, q5_1, f16, bf16, f32 (numpy); q4_k_m, q5_k_m, q6_k, ... (llama.cpp).")],
+    qtype: Annotated[str, typer.Option("--type", "-q", help="q8_0, q4_0, q4_1, q5_0, q5_1, f16, bf16, f32 (numpy); q4_k_m, q5_k_m, q6_k, ... (llama.cpp).")],
     out: Annotated[Path, typer.Option("--output", "-o", help="Quantized .gguf to write.")],
     force: Overwrite = False,
     threads: Threads = None,

@@ -11,7 +11,7 @@ import typer
 from ..errors import EdgeftError
 from .common import AdapterDir, progress_printer
 
-adapters_app = typer.Typer(help="List, inspect and remove adapter bundles.", no_args_is_help=True)
+adapters_app = typer.Typer(help="List, inspect, register and remove adapter bundles.", no_args_is_help=True)
 
 
 def pull(
@@ -110,6 +110,19 @@ def adapters_show(name: str, adapter_dir: AdapterDir = None) -> None:
     d["_file"] = {"path": str(b.gguf_path), "bytes": os.path.getsize(b.gguf_path), "tensor_pairs": len(info.pairs),
                   "ranks": sorted(info.ranks), "alpha": info.alpha, "architecture": info.architecture}
     typer.echo(json.dumps(d, indent=2, ensure_ascii=False))
+
+
+@adapters_app.command("add")
+def adapters_add(
+    path: Annotated[str, typer.Argument(help="Bundle folder (adapter.json + adapter.gguf), e.g. from `edgeft train -o`.")],
+    name: Annotated[Optional[str], typer.Option("--name", help="Register under this name (default: the card's).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an adapter registered under the same name.")] = False,
+) -> None:
+    """Copy a bundle into the registry (EDGEFT_HOME/adapters), checked against its base, so it is found by name."""
+    from ..registry import add
+
+    b = add(path, name=name, force=force)
+    typer.echo(f"registered '{b.name}' ({b.folder}); try: edgeft run --adapter {b.name} \"...\"")
 
 
 @adapters_app.command("rm")

@@ -21,6 +21,24 @@ def _load_adapters(eng, adapters: list[str] | None, force: bool) -> dict:
     return eng.use(spec)
 
 
+def read_task(path: str):
+    """The `task` section of a card file as a TaskSpec, every problem as one clear error."""
+    from pathlib import Path
+
+    from ..tasks import TaskSpec
+
+    try:
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise InputError(f"cannot read task card {path}: {type(e).__name__}: {e}", "give a JSON card like `edgeft card infer` writes") from None
+    if not isinstance(d, dict) or not isinstance(d.get("task"), dict):
+        raise InputError(f"task card {path} has no 'task' section", "give a JSON card like `edgeft card infer` writes")
+    try:
+        return TaskSpec.from_dict(d["task"])
+    except (TypeError, ValueError) as e:
+        raise InputError(f"task card {path}: bad 'task': {e}") from None
+
+
 def _result_json(res, adapters: dict) -> dict:
     return {"text": res.text, "value": res.value, "adapters": adapters, "finish_reason": res.finish_reason,
             "prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens,
@@ -37,6 +55,7 @@ def run(
     seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling seed (with temperature > 0).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the answer and timings.")] = False,
     jsonl: Annotated[bool, typer.Option("--jsonl", help="Read one request per stdin line: {\"text\": ..., \"adapter\": ...}; print one JSON result per line.")] = False,
+    task_card: Annotated[Optional[str], typer.Option("--task-card", help="Task card JSON (or a bundle's adapter.json) to answer under: gives a merged model or the bare base a task's prompt and output constraint.")] = None,
     ctx: Ctx = 2048,
     threads: Threads = None,
     gpu_layers: GpuLayers = 0,
@@ -54,11 +73,14 @@ def run(
             text = sys.stdin.read() if not sys.stdin.isatty() else ""
         if not text.strip():
             raise InputError("empty input", 'pass TEXT, e.g. edgeft run "Hello", or pipe it on stdin')
+    task = read_task(task_card) if task_card else None
     eng = open_engine(base, ctx=ctx, threads=threads, gpu_layers=gpu_layers, adapter_dirs=adapter_dir,
                       memory_budget=memory_budget, flash_attn=flash_attn)
     with eng:
         active = _load_adapters(eng, adapter, force)
         gen = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+        if task is not None:
+            gen["task"] = task
         if not jsonl:
             res = eng.run(text, **gen)
             if as_json:

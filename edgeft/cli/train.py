@@ -4,10 +4,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shlex
-import shutil
-import tempfile
 import time
 from enum import Enum
 from pathlib import Path
@@ -44,34 +41,12 @@ def _read_card(path: str) -> dict:
 
     try:
         d = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot read task card {path}: {e}") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise InputError(f"cannot read task card {path}: {type(e).__name__}: {e}") from None
     if not isinstance(d, dict) or not isinstance(d.get("task"), dict):
         raise InputError(f"task card {path} has no 'task' section")
     d["_spec"] = TaskSpec.from_dict(d["task"])
     return d
-
-
-def _limits(limit: list[int] | None, n_files: int) -> list[int | None]:
-    if not limit:
-        return [None] * n_files
-    if len(limit) == 1:
-        return limit * n_files
-    if len(limit) != n_files:
-        raise InputError(f"{len(limit)} --limit values for {n_files} --data files", "give one --limit, or one per --data")
-    return list(limit)
-
-
-def _load_data(paths: list[str], fmt: str, limits: list[int | None], seed: int, ner_map: str | None):
-    from ..data import Dataset, load
-
-    sets = [load(p, fmt, limit=n, seed=seed, ner_map=ner_map) for p, n in zip(paths, limits)]
-    if len(sets) == 1:
-        return sets[0]
-    if len({d.format for d in sets}) > 1:
-        raise InputError("the --data files have different formats", "train one task at a time")
-    return Dataset(sets[0].path, sets[0].format, [e for d in sets for e in d.examples],
-                   [f"{d.path.name} {q}" for d in sets for q in d.problems])
 
 
 def _report_problems(ds) -> None:
@@ -125,135 +100,71 @@ def _reproduce(args: dict) -> str:
 
 
 def train(
-    data: Annotated[list[str], typer.Option("--data", "-d", help="Training file (repeatable: several sets of one task).")],
-    task_card: Annotated[str, typer.Option("--task-card", help="Task card template JSON (models/tasks/*.json): system prompt, template, output constraint.")],
-    out: Annotated[str, typer.Option("--out", "-o", help="Output adapter bundle folder (adapter.gguf, adapter.json, peft/).")],
+    data: Annotated[list[str], typer.Option("--data", "-d", help="Training file (repeatable: several sets of one task). Each file's format is detected on its own.")],
+    out: Annotated[Optional[str], typer.Option("--output", "-o", "--out", help="Bundle folder to write (default: EDGEFT_HOME/adapters/NAME, found by name at once).")] = None,
+    task_card: Annotated[Optional[str], typer.Option("--task-card", help="Task card JSON (system prompt, template, output constraint). Default: inferred from the data (`edgeft card infer`).")] = None,
     base: Base = None,
-    eval_data: Annotated[Optional[str], typer.Option("--eval", help="Dev file: scored after training; the scores go into the card.")] = None,
+    eval_data: Annotated[Optional[str], typer.Option("--eval", help="Dev file (any format): picks the best checkpoint and is scored; default: a held-out 20% slice of the data.")] = None,
     fmt: Annotated[Fmt, typer.Option("--format", "-f", help=FORMAT_HELP)] = Fmt.auto,
-    name: Annotated[Optional[str], typer.Option("--name", help="Adapter name (default: the card's name, else the output folder's).")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="Adapter name (default: the card's, else the output folder's, else the data file's).")] = None,
     rank: Annotated[int, typer.Option("--rank", "-r", help="LoRA rank.")] = 16,
     alpha: Annotated[float, typer.Option("--alpha", help="LoRA alpha (scale = alpha / rank).")] = 32.0,
     targets: Annotated[str, typer.Option("--targets", help="all-linear or a subset of q,k,v,o,gate,up,down.")] = "all-linear",
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (linear warm-up, cosine decay).")] = 4e-4,
-    epochs: Annotated[float, typer.Option("--epochs", help="Passes over the data (fractions allowed).")] = 1.0,
+    epochs: Annotated[Optional[float], typer.Option("--epochs", help="Passes over the data (default: from the data size, about 800 examples seen, 1-10 passes).")] = None,
     batch: Annotated[int, typer.Option("--batch", help="Examples per optimizer step.")] = 8,
     max_len: Annotated[int, typer.Option("--max-len", help="Most tokens per example; long inputs are cut to fit.")] = 256,
     limit: Annotated[Optional[list[int]], typer.Option("--limit", help="Use a seeded random sample of N rows (one value for all files, or one per --data).")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for sampling, shuffling and LoRA init.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for sampling, the held-out slice, shuffling and LoRA init.")] = 0,
     ner_map: Annotated[Optional[str], typer.Option("--ner-map", help="NER type map JSON (flat, or per set like shared/data/ner/coarse_map.json).")] = None,
     eval_limit: Annotated[Optional[int], typer.Option("--eval-limit", help="Score a seeded sample of N dev rows.")] = 200,
+    baselines: Annotated[bool, typer.Option("--baselines/--no-baselines", help="Also score the base's zero-shot and few-shot prompts (the majority / copy line is always there).")] = True,
     outtype: Annotated[str, typer.Option("--outtype", help="Adapter GGUF tensor type: f32 (default, exact), f16 (half the size, decode about as fast with edgeft's patches), bf16, q8_0.")] = "f32",
+    register: Annotated[bool, typer.Option("--register", help="Also add the bundle to the registry (EDGEFT_HOME/adapters) when -o points elsewhere.")] = False,
     threads: Threads = None,
     bf16: Annotated[bool, typer.Option("--bf16/--no-bf16", help="bf16 autocast for the matmuls (about 2x faster on AVX512-BF16 CPUs).")] = True,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing bundle at --out.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing bundle at --out (or registered under --name).")] = False,
 ) -> None:
-    """Train a LoRA adapter (PEFT, on the dequantized base GGUF) and package it as a bundle."""
-    from ..bundles import AdapterBundle
-    from ..convert import convert_adapter
-    from ..convert import train as T
-    from ..models import resolve_base
+    """Train a LoRA adapter on your data and package it as a bundle, scored against prompting the base.
 
-    args = {"base": base, "data": data, "eval": eval_data, "task_card": task_card, "format": fmt.value,
-            "rank": rank, "alpha": alpha, "targets": targets, "lr": lr, "epochs": epochs, "batch": batch,
-            "max_len": max_len, "limit": limit, "seed": seed, "ner_map": ner_map,
-            "eval_limit": eval_limit if eval_data else None, "outtype": outtype, "no_bf16": not bf16, "out": out}
-    reproduce = _reproduce(args)
-    card = _read_card(task_card)
-    task = card.pop("_spec")
-    name = name or card.get("name") or Path(out).name
-    cfg = T.TrainConfig(rank=rank, alpha=alpha, targets=targets, lr=lr, epochs=epochs, batch=batch, max_len=max_len,
-                        seed=seed, threads=threads, bf16=bf16)
-    dest = Path(out).expanduser().absolute()
-    if dest.exists() and any(dest.iterdir()) and not force:
-        raise InputError(f"{dest} already exists", "pass --force to replace it, or choose another -o")
-    ds = _load_data(data, fmt.value, _limits(limit, len(data)), seed, ner_map)
-    _report_problems(ds)
-    dev = None
-    if eval_data:
-        from ..data import load
+    With no --task-card the card is inferred from the data and printed before training."""
+    from ..convert import pipeline as P
+    from ..convert.train import TrainConfig
 
-        dev = load(eval_data, ds.format, limit=eval_limit, seed=0, ner_map=ner_map)
-        _report_problems(dev)
-    base_model = resolve_base(base)
-    typer.echo(f"training '{name}' on {len(ds)} examples ({ds.format}) from {', '.join(data)}", err=True)
-
-    _sigterm_as_interrupt()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
-    keep = False
+    args = {"base": base, "data": data, "eval": eval_data, "task_card": task_card,
+            "format": fmt.value if fmt != Fmt.auto else None, "rank": rank, "alpha": alpha, "targets": targets,
+            "lr": lr, "epochs": epochs, "batch": batch, "max_len": max_len, "limit": limit, "seed": seed,
+            "ner_map": ner_map, "eval_limit": eval_limit if eval_data else None, "outtype": outtype,
+            "no_bf16": not bf16, "name": name, "output": out}
+    cfg = TrainConfig(rank=rank, alpha=alpha, targets=targets, lr=lr, epochs=epochs, batch=batch, max_len=max_len,
+                      seed=seed, threads=threads, bf16=bf16)
+    job = P.TrainJob(data=data, out=out, base=base, card=_read_card(task_card) if task_card else None,
+                     eval_data=eval_data, format=fmt.value, name=name, config=cfg, limit=limit or (), seed=seed,
+                     ner_map=ner_map, eval_limit=eval_limit, outtype=outtype, threads=threads, baselines=baselines,
+                     register=register, force=force, reproduce=_reproduce(args))
+    say = lambda m: typer.echo(m, err=True)  # noqa: E731
+    plan = P.prepare(job, say)
+    typer.echo(P.describe_plan(plan), err=True)
+    for w in plan.warnings:
+        typer.secho(f"warning: {w}", fg=typer.colors.YELLOW, err=True)
+    cb, close = _train_progress()
     try:
-        cb, close = _train_progress()
-        try:
-            res = T.train_lora(base_model.path, task, ds.examples, work / "peft", cfg, progress=cb,
-                               status=lambda m: typer.echo(m, err=True),
-                               base_id=base_model.id if base_model.manifest else base_model.path.name)
-        finally:
-            close()
-        typer.echo(f"trained {res.steps} steps in {res.seconds / 60:.1f} min (final loss {res.final_loss:.4f})", err=True)
-        keep = True   # from here on a failure keeps the trained PEFT folder for `edgeft convert`
-        card_in = {k: v for k, v in card.items() if k not in ("base", "adapter", "metrics", "reproduce")}
-        card_in["name"] = name
-        (work / "card.json").write_text(json.dumps(card_in, ensure_ascii=False))
-        conv = convert_adapter(work / "peft", base_model.path if base_model.manifest is None else base_model.id,
-                               name=name, out_dir=work / "bundle", outtype=outtype, task_card=work / "card.json",
-                               reproduce=reproduce, status=lambda m: typer.echo(m, err=True))
-        bundle_dir = work / "bundle"
-        shutil.move(str(work / "peft"), str(bundle_dir / "peft"))
-        c = conv.card
-        c.source["peft_dir"] = "peft"
-        c.source["training"] = {**T.describe(res), "data": [str(Path(p)) for p in data], "format": ds.format,
-                                "config": {k: v for k, v in cfg.__dict__.items() if k != "threads"}}
-        if dev is not None:
-            rep = _evaluate_bundle(base_model.path, bundle_dir, name, task, dev, threads)
-            c.metrics["dev"] = {"data": eval_data, "n": rep.n, **_rounded(rep.metrics)}
-            _print_table(rep)
-        c.save(bundle_dir / "adapter.json")
-        AdapterBundle.load(bundle_dir)   # the runtime accepts it
-        _readable(bundle_dir)
-        if dest.exists():
-            old = dest.parent / f".{dest.name}.old-{os.getpid()}"
-            os.replace(dest, old)
-            os.replace(bundle_dir, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(bundle_dir, dest)
-    except BaseException:
-        if keep:
-            typer.secho(f"packaging failed; the trained PEFT folder is kept in {work}", fg=typer.colors.YELLOW, err=True)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-        raise
-    shutil.rmtree(work, ignore_errors=True)
-    typer.echo(f"wrote {dest}")
+        outcome = P.train_adapter(job, plan=plan, progress=cb, status=say, eval_progress=_eval_progress())
+    finally:
+        close()
+    if outcome.report is not None:
+        _print_report(outcome.report, plan.dev_source)
+    typer.echo(f"wrote {outcome.folder}")
+    if outcome.registered:
+        typer.echo(f"registered as '{plan.name}' ({outcome.registered})")
+    where = plan.name if outcome.registered or outcome.folder.parent == _user_adapters() else str(outcome.folder)
+    typer.echo(f'try it: edgeft run --adapter {where} "..."')
 
 
-def _readable(folder: Path) -> None:
-    """Temp files are created private (0600 / 0700); a shipped bundle is plain 0644 / 0755."""
-    mask = os.umask(0)
-    os.umask(mask)
-    for p in [folder, *folder.rglob("*")]:
-        os.chmod(p, (0o755 if p.is_dir() else 0o644) & ~mask)
+def _user_adapters() -> Path:
+    from ..paths import user_adapters_dir
 
-
-def _sigterm_as_interrupt() -> None:
-    """`kill` cleans up like Ctrl-C does: the temp folder goes, the old bundle stays."""
-    import signal
-    import threading
-
-    if threading.current_thread() is threading.main_thread():
-        def handler(signum, frame):
-            raise KeyboardInterrupt
-        signal.signal(signal.SIGTERM, handler)
-
-
-def _evaluate_bundle(base_path, bundle_dir: Path, name: str, task, dev, threads):
-    from ..engine import Engine
-    from ..evaluate import Run, evaluate
-
-    with Engine(str(base_path), n_ctx=2048, n_threads=threads) as eng:
-        eng.load_adapter(str(bundle_dir), name=name)
-        return evaluate(name, task, dev, [Run("adapter", eng, name)], progress=_eval_progress())
+    return user_adapters_dir()
 
 
 def _rounded(m):
@@ -273,23 +184,47 @@ def _eval_progress():
     return cb
 
 
-def _print_table(rep) -> None:
+def _print_report(rep, scored_on: str | None = None) -> None:
+    """The scores table (adapter, prompting baselines, trivial line), the margin, the confusion
+    matrix for labels and the efficiency line."""
     from rich.console import Console
     from rich.table import Table
 
-    from ..evaluate import MAIN_METRIC
-
     cols = {"labels": ["accuracy", "macro_f1"], "entities": ["micro_f1", "precision", "recall"],
-            "text": ["rouge_l"], "exact": ["accuracy"]}[rep.kind]
-    t = Table(title=f"{rep.task}: {rep.data} (n={rep.n}, main metric {MAIN_METRIC[rep.kind]})")
+            "text": ["rouge_l"], "exact": ["accuracy"],
+            "classification": ["accuracy", "macro_f1", "in_scope_accuracy", "oos_recall", "oos_precision"],
+            "parsing": ["intent_accuracy", "slot_f1", "slot_precision", "slot_recall", "exact_match"],
+            "style": ["joint", "chrf", "style_accuracy"]}[rep.kind]
+    con = Console(stderr=False)
+    t = Table(title=f"{rep.task}: {scored_on or rep.data} (read as {rep.data_format}, n={rep.n}, main metric {rep.main_metric})")
     t.add_column("run")
-    for c in cols + ["invalid_rate", "ttft_ms", "decode_tps"]:
+    for c in cols + ["invalid_rate", "latency p50 ms", "p90 ms", "decode tok/s"]:
         t.add_column(c, justify="right")
     rows = [(rep.metrics_of, rep.metrics)] + [(k, v["metrics"]) for k, v in rep.baselines.items()]
+
+    def num(x, fmt):
+        return "-" if x is None else format(x, fmt)
     for label, m in rows:
-        t.add_row(label, *[f"{m[c]:.3f}" for c in cols + ["invalid_rate"]], f"{m['ttft_ms']:.0f}",
-                  "-" if m["decode_tps"] is None else f"{m['decode_tps']:.1f}")
-    Console(stderr=False).print(t)
+        t.add_row(label, *[f"{m[c]:.3f}" for c in cols + ["invalid_rate"]], num(m.get("latency_ms_p50"), ".0f"),
+                  num(m.get("latency_ms_p90"), ".0f"), num(m.get("decode_tps"), ".1f"))
+    con.print(t)
+    best = rep.best_baseline()
+    if best is not None and rep.metrics_of == "adapter":
+        gain = (rep.metrics[rep.main_metric] - best[1]) * 100
+        con.print(f"adapter vs the best baseline ({best[0]}): {gain:+.1f} points of {rep.main_metric}")
+    conf = rep.confusion.get(rep.metrics_of)
+    if conf and len(conf) <= 12:
+        labels = sorted({p for row in conf.values() for p in row} | set(conf))
+        ct = Table(title=f"confusion ({rep.metrics_of}): rows gold, columns predicted")
+        ct.add_column("gold")
+        for lab in labels:
+            ct.add_column(lab[:14], justify="right")
+        for g, row in conf.items():
+            ct.add_row(g, *[str(row.get(lab, 0) or "") for lab in labels])
+        con.print(ct)
+    if rep.efficiency:
+        e = rep.efficiency
+        con.print("memory: " + ", ".join(f"{k} {v}" for k, v in e.items() if v is not None))
 
 
 def evaluate_cmd(
@@ -309,11 +244,12 @@ def evaluate_cmd(
     threads: Threads = None,
     adapter_dir: AdapterDir = None,
     flash_attn: FlashAttn = False,
+    update_card: Annotated[bool, typer.Option("--update-card", help="Write the adapter's scores (with the data file's sha256 and n) into its bundle's card.")] = False,
 ) -> None:
-    """Score an adapter on a dev file, with prompting baselines of the base in the same run."""
+    """Score an adapter on a dev file, with prompting baselines of the base and the majority / copy line."""
     from ..data import load
     from ..engine import Engine
-    from ..evaluate import Run, evaluate
+    from ..evaluate import Run, efficiency, evaluate
     from ..files import write_text_atomic
     from ..registry import find
 
@@ -332,6 +268,8 @@ def evaluate_cmd(
                          "pass --task-card models/tasks/NAME.json")
     if bundle is None and not wanted and not merged:
         raise InputError("nothing to evaluate", "pass --adapter, --baseline or --merged")
+    if update_card and (bundle is None or bundle.folder is None):
+        raise InputError("--update-card needs an adapter bundle folder to write to", "pass --adapter NAME or a bundle folder")
     if "few-shot" in wanted and not task.few_shot:
         raise InputError("the task card has no few_shot examples for the few-shot baseline")
     ds = load(data, fmt.value, limit=limit, seed=seed, ner_map=ner_map)
@@ -351,16 +289,77 @@ def evaluate_cmd(
             engines.append(m_eng)
             runs.append(Run("merged", m_eng, None, 0))
         rep = evaluate(task_name, task, ds, runs, progress=_eval_progress())
+        rep.efficiency = efficiency(eng, runs[0].adapter)
     finally:
         for e in engines:
             e.close()
-    _print_table(rep)   # without an adapter, the first baseline's scores are the report's `metrics`
+    _print_report(rep)   # without an adapter, the first baseline's scores are the report's `metrics`
+    if update_card:
+        from ..evaluate import card_metrics
+        from ..files import sha256_file
+
+        card = bundle.card
+        card.metrics["dev"] = card_metrics(rep, data, sha256_file(data))
+        card.save(bundle.folder / "adapter.json")
+        typer.echo(f"wrote the scores into {bundle.folder / 'adapter.json'}", err=True)
     if json_out:
         d = rep.to_dict()
         write_text_atomic(json_out, json.dumps(_rounded(d), indent=2, ensure_ascii=False) + "\n")
         typer.echo(f"wrote {json_out}", err=True)
 
 
+def curve(
+    data: Annotated[list[str], typer.Option("--data", "-d", help="Training file(s); subsets are drawn from all their rows.")],
+    sizes: Annotated[Optional[str], typer.Option("--sizes", help="Training-set sizes (nested seeded subsets).")] = "25,50,100,200,400",
+    eval_data: Annotated[Optional[str], typer.Option("--eval", help="Dev file every point is scored on (default: a held-out 20% slice).")] = None,
+    task_card: Annotated[Optional[str], typer.Option("--task-card", help="Task card JSON (default: inferred from the data).")] = None,
+    json_out: Annotated[Optional[str], typer.Option("--json", help="Write the curve as JSON to PATH.")] = None,
+    plot_out: Annotated[Optional[str], typer.Option("--plot", help="Write a PNG of the curve to PATH (needs matplotlib).")] = None,
+    base: Base = None,
+    rank: Annotated[int, typer.Option("--rank", "-r", help="LoRA rank.")] = 16,
+    alpha: Annotated[float, typer.Option("--alpha", help="LoRA alpha.")] = 32.0,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.")] = 4e-4,
+    epochs: Annotated[Optional[float], typer.Option("--epochs", help="Passes over each subset (default: from its size).")] = None,
+    max_len: Annotated[int, typer.Option("--max-len", help="Most tokens per example.")] = 256,
+    eval_limit: Annotated[Optional[int], typer.Option("--eval-limit", help="Score a seeded sample of N dev rows.")] = 200,
+    baselines: Annotated[bool, typer.Option("--baselines/--no-baselines", help="Score the base's zero-shot and few-shot prompts once.")] = True,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the subsets, the held-out slice and training.")] = 0,
+    ner_map: Annotated[Optional[str], typer.Option("--ner-map", help="NER type map JSON.")] = None,
+    threads: Threads = None,
+) -> None:
+    """Learning curve: train on 25 / 50 / 100 / ... rows and score each against the base's prompts."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..convert.curve import learning_curve, parse_sizes, write_curve
+    from ..convert.pipeline import TrainJob
+    from ..convert.train import TrainConfig
+
+    if plot_out:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise InputError("--plot needs matplotlib", "pip install 'edgeft[bench]'") from None
+    cfg = TrainConfig(rank=rank, alpha=alpha, lr=lr, epochs=epochs, max_len=max_len, seed=seed, threads=threads)
+    job = TrainJob(data=data, base=base, card=_read_card(task_card) if task_card else None, eval_data=eval_data,
+                   config=cfg, seed=seed, ner_map=ner_map, eval_limit=eval_limit, threads=threads, baselines=baselines)
+    say = lambda m: typer.echo(m, err=True)  # noqa: E731
+    res, plan = learning_curve(job, parse_sizes(sizes), status=say, progress=_eval_progress())
+    t = Table(title=f"{res.task}: {res.main_metric} on {res.dev} (n={res.n_dev})")
+    for c in ("training rows", res.main_metric, "train min", "steps"):
+        t.add_column(c, justify="right")
+    for p in res.points:
+        t.add_row(str(p.rows), f"{p.metric:.3f}", f"{p.train_seconds / 60:.1f}", str(p.steps))
+    for name, val in res.baselines.items():
+        t.add_row(f"base {name}" if name not in ("majority", "copy") else name, f"{val:.3f}", "", "")
+    Console().print(t)
+    write_curve(res, json_out, plot_out)
+    for path in (json_out, plot_out):
+        if path:
+            typer.echo(f"wrote {path}", err=True)
+
+
 def register(app: typer.Typer) -> None:
     app.command("train")(train)
     app.command("eval")(evaluate_cmd)
+    app.command("curve")(curve)
