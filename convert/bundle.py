@@ -120,6 +120,7 @@ def convert_adapter(peft_dir: str | os.PathLike, base: str | os.PathLike | None 
     if layout is not None and adapter.modules:
         pairs, more = plan(adapter, layout)
         problems += more + check_saved_weights(adapter, header)
+    problems += _check_layers(adapter, header)
     card_in = _load_task_card(Path(task_card), problems) if task_card else None
     name = name or (card_in or {}).get("name") or default_bundle_name(adapter.path)
     if not is_valid_name(name):
@@ -158,6 +159,20 @@ def convert_adapter(peft_dir: str | os.PathLike, base: str | os.PathLike | None 
             card.metrics["parity"] = parity
             card.save(stage / CARD_FILE)
     return ConvertResult(folder, folder / GGUF_FILE, card, len(pairs), nbytes, seconds, parity, timings)
+
+
+def _check_layers(adapter: PeftAdapter, header: GGUFHeader) -> list[Problem]:
+    """`layers_to_transform` must name layers the base has (PEFT would have failed on this base)."""
+    ltt = adapter.config.get("layers_to_transform")
+    n = header.arch_value("block_count")
+    if ltt is None or not isinstance(n, int):
+        return []
+    wanted = [ltt] if isinstance(ltt, int) else ltt if isinstance(ltt, list) else []
+    beyond = sorted(x for x in wanted if isinstance(x, int) and x >= n)
+    if beyond:
+        return [Problem(f"layers_to_transform names layer(s) {beyond} but the base has {n} blocks (0-{n - 1})",
+                        "the adapter was trained for a deeper model; convert it against that base")]
+    return []
 
 
 def default_bundle_name(peft_dir: Path) -> str:

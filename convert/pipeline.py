@@ -136,6 +136,10 @@ def prepare(job: TrainJob, status: Callable[[str], None] | None = None) -> Plan:
     """Read the data, settle the card and the dev rows, check everything that can be checked
     without a model. Every mismatch between card and data is reported here, before training."""
     say = status or (lambda m: log.info("%s", m))
+    from .lora_gguf import OUTTYPES
+
+    if job.outtype not in OUTTYPES:   # checked now, not after minutes of training
+        raise InputError(f"unknown adapter type '{job.outtype}'", f"use one of {', '.join(OUTTYPES)}")
     ds, formats = _load_all(job)
     for q in ds.problems[:5]:
         say(f"skipped: {q}")

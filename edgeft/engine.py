@@ -13,18 +13,19 @@ from __future__ import annotations
 
 import codecs
 import logging
-import math
 import os
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 from . import _llama
+from .adapter_spec import MAX_SCALE, AdapterSpec, parse_adapter_spec  # noqa: F401  (re-exported)
 from .bundles import AdapterBundle
 from .errors import AdapterError, InputError
+from .generation import Generation, Stats, Stream
 from .gguf_info import AdapterInfo, BaseInfo, base_info, inspect_adapter
 from .models import BaseModel, Progress, resolve_base
 from .registry import find
@@ -35,41 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-AdapterSpec = Union[None, str, Mapping[str, float], Sequence[str]]
 _UNSET: Any = object()
-MAX_SCALE = 16.0   # |scale| of one adapter; far beyond any useful mix, and far from Inf in llama.cpp
-
-
-def _scale(ref: str, v: Any) -> float:
-    try:
-        x = float(v)
-    except (TypeError, ValueError):
-        raise InputError(f"adapter scale for '{ref}' is not a number: {v!r}") from None
-    if isinstance(v, bool) or not math.isfinite(x) or abs(x) > MAX_SCALE:
-        raise InputError(f"adapter scale for '{ref}' must be a finite number from -{MAX_SCALE:g} to {MAX_SCALE:g}, got {v!r}")
-    return x
-
-
-def parse_adapter_spec(spec: AdapterSpec) -> dict[str, float]:
-    """None / "none" / "ner" / "ner=0.5,style=1" / ["ner=1", "style"] / {"ner": 1.0} -> {ref: scale}."""
-    if spec is None:
-        return {}
-    if isinstance(spec, Mapping):
-        return {str(k): _scale(str(k), v) for k, v in spec.items()}
-    items: list[str] = []
-    for part in ([spec] if isinstance(spec, str) else list(spec)):
-        items.extend(p.strip() for p in str(part).split(",") if p.strip())
-    out = {}
-    for item in items:
-        if item.lower() == "none":
-            continue
-        ref, sep, scale = item.rpartition("=") if "=" in item else (item, "", "1")
-        try:
-            float(scale)
-        except ValueError:
-            raise InputError(f"bad adapter scale in '{item}'", "write NAME or NAME=SCALE, e.g. ner=0.5") from None
-        out[ref.strip()] = _scale(ref.strip(), scale)
-    return out
 
 
 @dataclass
@@ -88,68 +55,6 @@ class LoadedAdapter:
     @property
     def task(self) -> TaskSpec | None:
         return self.bundle.card.task
-
-
-@dataclass
-class Generation:
-    text: str
-    finish_reason: str            # "stop" | "length"
-    prompt_tokens: int
-    completion_tokens: int
-    ttft_ms: float
-    decode_tps: float
-    adapters: dict[str, float]
-    reused_prefix: int = 0        # prompt tokens whose K/V were reused
-    value: Any = None             # parsed answer for task cards (label, JSON, text)
-
-
-class Stream:
-    """Text pieces of a streamed generation; `.result` is its Generation once it has ended
-    (for a task answer, with `.value` parsed by the card once the stream is exhausted).
-
-    The engine stays locked while the stream is open: exhaust it or `close()` it (a `with`
-    block does) so other callers can go on.
-    """
-
-    def __init__(self, it: Iterator[str], sink: list, on_end: "Callable[[Generation], None] | None" = None):
-        self._it = it
-        self._sink = sink
-        self._on_end = on_end
-
-    def __iter__(self) -> "Stream":
-        return self
-
-    def __next__(self) -> str:
-        try:
-            return next(self._it)
-        except StopIteration:
-            if self._on_end is not None and self._sink:
-                on_end, self._on_end = self._on_end, None
-                on_end(self._sink[0])
-            raise
-
-    def close(self) -> None:
-        self._it.close()
-
-    @property
-    def result(self) -> "Generation | None":
-        """The Generation (text so far, counts, timings); None until the prompt has been read."""
-        return self._sink[0] if self._sink else None
-
-    def __enter__(self) -> "Stream":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-@dataclass
-class Stats:
-    swaps: int = 0
-    last_swap_ms: float = 0.0
-    evictions: int = 0
-    last: Generation | None = None
-    swap_ms: list[float] = field(default_factory=list)
 
 
 class Engine:

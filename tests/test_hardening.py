@@ -300,9 +300,9 @@ def test_edgeft_error_hierarchy_is_what_the_cli_catches():
 def test_a_crash_inside_native_code_is_one_clear_line_with_exit_code_1():
     """Where validation cannot be complete: a fatal signal in a C call (here a NULL read) while
     the runtime loads an adapter reports what it was doing, not a bare signal."""
-    code = ("import ctypes; from edgeft import _llama\n"
-            "assert _llama.install_crash_reporter()\n"
-            "_llama.doing('loading the adapter /data/evil.gguf')\n"
+    code = ("import ctypes; from edgeft import crash\n"
+            "assert crash.install_crash_reporter()\n"
+            "crash.doing('loading the adapter /data/evil.gguf')\n"
             "ctypes.string_at(0)\n")
     env = {k: v for k, v in os.environ.items() if k != "EDGEFT_DEBUG"}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)

@@ -55,11 +55,14 @@ def test_walk_from_data_alone_to_a_registered_constrained_adapter(tmp_path, isol
 
     data = _write(fmt, tmp_path)
     name = f"route-{fmt}"
+    out = ["-o", str(tmp_path / "bundles" / name), "--register"] if fmt == "label" else []   # else: straight in
     with exit_ok():
         main(["train", "--data", str(data), "--limit", "30", "--name", name, "--epochs", "0.27", "--batch", "4",
-              "--rank", "4", "--max-len", "96", "--no-baselines", "--threads", "2", "--base", str(base_path)])
+              "--rank", "4", "--max-len", "96", "--no-baselines", "--threads", "2", "--base", str(base_path), *out])
     b = find(name)                                   # registered: found by name, no --adapter-dir
     assert b.folder == isolated_home / "adapters" / name
+    if out:
+        assert AdapterBundle.load(tmp_path / "bundles" / name).card.to_dict() == b.card.to_dict()
     t = b.card.task
     assert t.output.type == "labels" and set(t.output.labels) <= set(TEAMS) and len(t.output.labels) >= 3
     if fmt == "chat":

@@ -48,9 +48,9 @@ def main(argv: list[str] | None = None) -> None:
     debug = bool(os.environ.get("EDGEFT_DEBUG"))
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] in CRASH_REPORTED:   # single-threaded commands; serve keeps the default
-        from .. import _llama
+        from ..crash import install_crash_reporter   # no llama_cpp import: --help stays fast
 
-        _llama.install_crash_reporter()
+        install_crash_reporter()
     try:
         rc = app(args=argv, prog_name="edgeft", standalone_mode=False)
         if isinstance(rc, int) and rc:  # click returns (not raises) Exit codes in this mode
