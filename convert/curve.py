@@ -108,7 +108,11 @@ def learning_curve(job: TrainJob, sizes: Sequence[int], *, status: Callable[[str
                            **{k: v["metrics"][rep.main_metric] for k, v in rep.baselines.items()}}
         for k in usable:
             say(f"-- {k} rows")
+            def step_line(p, k=k):
+                if p.step == p.total or p.step % max(1, p.total // 4) == 0:
+                    say(f"   {k} rows: step {p.step}/{p.total}, loss {p.loss:.4f}, ETA {p.eta_s / 60:.1f} min")
             res = T.train_lora(base.path, plan.task, order[:k], Path(tmp) / f"peft-{k}", job.config, status=say,
+                               progress=step_line,
                                model_and_tokenizer=(copy.deepcopy(model), tok), val_examples=plan.validation,
                                base_id=base.id)
             conv = convert_adapter(Path(tmp) / f"peft-{k}", base.id if base.manifest else str(base.path),

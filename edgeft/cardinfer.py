@@ -161,14 +161,17 @@ def infer_output(answers: Sequence[str]) -> tuple[OutputSpec, int, str]:
     parsed = [_json_container(a) for a in answers]
     if answers and all(p is not None for p in parsed):
         schema = infer_schema(parsed)
-        return (OutputSpec(type="json_schema", schema=schema), max_tokens_for(answers),
+        longest = max(len(a.encode("utf-8")) for a in answers)   # JSON under a grammar: tokens can be short
+        return (OutputSpec(type="json_schema", schema=schema), int(min(2048, max(64, longest // 2 + 32))),
                 f"output: JSON (all {len(answers)} answers parse), schema inferred from them")
     if _is_label_set(answers):
         counts = Counter(answers)
         labels = sorted(counts)
         shown = ", ".join(f"{lab} ({counts[lab]})" for lab in labels[:12]) + (" ..." if len(labels) > 12 else "")
-        longest = max(len(lab) for lab in labels)
-        return (OutputSpec(type="labels", labels=labels), max(8, math.ceil(longest / 2) + 8),
+        # a weak model under the grammar may spell a label byte by byte: room for that, and the
+        # answer stops at the label's end anyway
+        longest = max(len(lab.encode("utf-8")) for lab in labels)
+        return (OutputSpec(type="labels", labels=labels), longest + 4,
                 f"output: one of {len(labels)} labels, constrained: {shown}")
     mt = max_tokens_for(answers)
     return OutputSpec(type="text"), mt, f"output: free text (answers differ), max_tokens {mt} from the longest answer"

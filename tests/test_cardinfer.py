@@ -64,7 +64,7 @@ def test_inferred_card_for_labels(tmp_path):
     assert t.output.type == "labels" and t.output.labels == ["billing", "hr", "travel"]
     assert t.output.grammar() == 'root ::= "billing" | "hr" | "travel"'
     assert 3 <= len(t.few_shot) <= 4 and len({s["output"] for s in t.few_shot}) == 3   # different labels first
-    assert t.temperature == 0.0 and t.max_tokens >= 8
+    assert t.temperature == 0.0 and t.max_tokens >= len("billing") + 1   # room to spell a label byte by byte
 
 
 def test_rows_that_disagree_on_the_system_prompt_are_named(tmp_path):

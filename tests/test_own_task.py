@@ -139,7 +139,7 @@ def test_packaging_failure_keeps_the_trained_adapter_with_the_command_that_finis
 
 def _labels_task() -> dict:
     return {"system": "Route the message.", "template": "{input}", "output": {"type": "labels", "labels": TEAMS},
-            "generation": {"max_tokens": 8}}
+            "generation": {"max_tokens": 16}}
 
 
 def test_stream_carries_the_parsed_value(tmp_path, engine, base_path):
@@ -187,3 +187,18 @@ def test_eval_update_card_and_adapters_add(tmp_path, isolated_home, base_path):
     with pytest.raises(SystemExit) as e:                 # the name is taken
         main(["adapters", "add", str(b), "--name", "router"])
     assert e.value.code == 1
+
+
+def test_curve_writes_its_table_json_and_png(tmp_path, base_path):
+    from edgeft.cli import main
+
+    js, png = tmp_path / "curve.json", tmp_path / "curve.png"
+    with exit_ok():
+        main(["curve", "--data", str(ROUTING / "train.jsonl"), "--eval", str(ROUTING / "test.jsonl"),
+              "--eval-limit", "6", "--sizes", "8,16", "--epochs", "0.5", "--max-len", "96", "--rank", "4",
+              "--threads", "2", "--base", str(base_path), "--json", str(js), "--plot", str(png)])
+    d = json.loads(js.read_text())
+    assert [p["rows"] for p in d["points"]] == [8, 16] and d["main_metric"] == "accuracy" and d["n_dev"] == 6
+    assert {"zero-shot", "few-shot", "majority"} <= set(d["baselines"])
+    assert all(0.0 <= p["accuracy"] <= 1.0 and p["steps"] >= 1 for p in d["points"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
