@@ -12,7 +12,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["Engine", "Generation", "AdapterBundle", "TaskCard", "TaskSpec", "OutputSpec",
+__all__ = ["Engine", "AsyncEngine", "Generation", "Stream", "AdapterBundle", "TaskCard", "TaskSpec", "OutputSpec",
            "EdgeftError", "ModelError", "AdapterError", "InputError", "ConversionError", "__version__"]
 
 from .errors import AdapterError, ConversionError, EdgeftError, InputError, ModelError
@@ -20,10 +20,14 @@ from .errors import AdapterError, ConversionError, EdgeftError, InputError, Mode
 
 def __getattr__(name: str):
     # Engine pulls in llama_cpp (a shared library): load it only when asked for.
-    if name in ("Engine", "Generation"):
+    if name in ("Engine", "Generation", "Stream"):
         from . import engine
 
         return getattr(engine, name)
+    if name == "AsyncEngine":
+        from .aio import AsyncEngine
+
+        return AsyncEngine
     if name in ("AdapterBundle", "TaskCard"):
         from . import bundles
 

@@ -19,7 +19,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Mapping, Sequence, overload
 
 from . import _llama
 from .adapter_spec import MAX_SCALE, AdapterSpec, parse_adapter_spec  # noqa: F401  (re-exported)
@@ -260,29 +260,55 @@ class Engine:
         with self._lock:
             return self._b.apply_chat_template(list(messages))
 
-    def chat(self, messages: list[dict], *, adapter: AdapterSpec = _UNSET, stream: bool = False, **gen) -> Any:
-        """Answer a conversation with the base's chat template. stream=True yields text pieces."""
+    @overload
+    def chat(self, messages: list[dict], *, adapter: AdapterSpec = ..., stream: Literal[False] = ...,
+             **gen: Any) -> Generation: ...
+    @overload
+    def chat(self, messages: list[dict], *, adapter: AdapterSpec = ..., stream: Literal[True], **gen: Any) -> Stream: ...
+
+    def chat(self, messages: list[dict], *, adapter: AdapterSpec = _UNSET, stream: bool = False,
+             **gen: Any) -> Generation | Stream:
+        """Answer a conversation with the base's chat template. stream=True gives a Stream of text pieces."""
         return self.complete(self.chat_prompt(messages), adapter=adapter, stream=stream, **gen)
+
+    @overload
+    def complete(self, prompt: str, *, adapter: AdapterSpec = ..., stream: Literal[False] = ...,
+                 **gen: Any) -> Generation: ...
+    @overload
+    def complete(self, prompt: str, *, adapter: AdapterSpec = ..., stream: Literal[True], **gen: Any) -> Stream: ...
 
     def complete(self, prompt: str, *, adapter: AdapterSpec = _UNSET, stream: bool = False,
                  max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                  min_p: float = 0.0, seed: int | None = None, stop: Sequence[str] = (),
-                 grammar: str | None = None) -> Any:
-        """Continue a raw prompt. Returns a Generation, or an iterator of text pieces if stream=True."""
+                 grammar: str | None = None, cancel: threading.Event | None = None) -> Generation | Stream:
+        """Continue a raw prompt. Returns a Generation, or a Stream of text pieces if stream=True.
+
+        `cancel` (or `Stream.cancel()`, from any thread) stops the answer before its next token;
+        its finish_reason is then "cancelled"."""
         if not isinstance(prompt, str) or not prompt:
             raise InputError("empty prompt", "give some text")
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
+            raise InputError(f"max_tokens must be a whole number >= 0, got {max_tokens!r}")
         sampling = _llama.Sampling(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
                                    min_p=float(min_p), seed=seed, grammar=grammar)
         sink: list[Generation] = []
-        it = self._generate(prompt, adapter, sampling, int(max_tokens), list(stop or []), sink)
+        cancel = cancel if cancel is not None else threading.Event()
+        it = self._generate(prompt, adapter, sampling, max_tokens, list(stop or []), sink, cancel)
         if stream:
-            return Stream(it, sink)
+            return Stream(it, sink, cancel=cancel)
         for _ in it:
             pass
         return sink[0]
 
+    @overload
+    def run(self, text: str, *, adapter: AdapterSpec = ..., stream: Literal[False] = ..., shots: int = ...,
+            system: str | None | bool = ..., task: TaskSpec | None = ..., **gen: Any) -> Generation: ...
+    @overload
+    def run(self, text: str, *, adapter: AdapterSpec = ..., stream: Literal[True], shots: int = ...,
+            system: str | None | bool = ..., task: TaskSpec | None = ..., **gen: Any) -> Stream: ...
+
     def run(self, text: str, *, adapter: AdapterSpec = _UNSET, stream: bool = False, shots: int = 0,
-            system: str | None | bool = True, task: TaskSpec | None = None, **gen) -> Any:
+            system: str | None | bool = True, task: TaskSpec | None = None, **gen: Any) -> Generation | Stream:
         """One task answer: the task card (`task`, else the active adapter's) decides prompt,
         output constraint and defaults. `task` gives a card to a merged model or the bare base.
         The answer's `.value` is the parsed label / JSON / text (None when invalid), for a
@@ -306,7 +332,7 @@ class Engine:
                 res.value = None
         if stream:
             s = self.chat(msgs, adapter=adapter, stream=True, **opts)
-            s._on_end = set_value
+            s.on_end(set_value)
             return s
         res = self.chat(msgs, adapter=adapter, **opts)
         set_value(res)
@@ -334,7 +360,7 @@ class Engine:
             return self._adapters[next(iter(sel))].task
 
     def _generate(self, prompt: str, adapter: AdapterSpec, sampling: _llama.Sampling,
-                  max_tokens: int, stop: list[str], sink: list) -> Iterator[str]:
+                  max_tokens: int, stop: list[str], sink: list, cancel: threading.Event) -> Iterator[str]:
         self._lock.acquire()
         try:
             selection = self._selected if adapter is _UNSET else self._resolve(adapter)
@@ -346,14 +372,14 @@ class Engine:
             self._apply(selection)
             sampler = self._b.sampler(sampling)
             try:
-                yield from self._loop(tokens, sampler, max_tokens, stop, dict(selection), sink)
+                yield from self._loop(tokens, sampler, max_tokens, stop, dict(selection), sink, cancel)
             finally:
                 sampler.close()
         finally:
             self._lock.release()
 
     def _loop(self, tokens: list[int], sampler, max_tokens: int, stop: list[str],
-              selection: dict[str, float], sink: list) -> Iterator[str]:
+              selection: dict[str, float], sink: list, cancel: threading.Event) -> Iterator[str]:
         b = self._b
         t0 = time.perf_counter()
         common = 0
@@ -388,6 +414,9 @@ class Engine:
         n = 0
         try:
             while n < max_tokens:
+                if cancel.is_set():
+                    gen.finish_reason = "cancelled"
+                    break
                 tok = b.sample(sampler)
                 if t_first is None:
                     t_first = time.perf_counter()
@@ -420,6 +449,8 @@ class Engine:
                 yield text[emitted:]
         finally:
             gen.completion_tokens = n
+            if cancel.is_set() and gen.finish_reason == "length" and n < max_tokens:
+                gen.finish_reason = "cancelled"   # closed at a yield: the answer was cut short
             gen.text = text
             if t_first is not None and n > 1:
                 gen.decode_tps = (n - 1) / max(time.perf_counter() - t_first, 1e-9)

@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 @dataclass
 class Generation:
     text: str
-    finish_reason: str            # "stop" | "length"
+    finish_reason: str            # "stop" | "length" | "cancelled"
     prompt_tokens: int
     completion_tokens: int
     ttft_ms: float
@@ -23,14 +24,26 @@ class Stream:
     """Text pieces of a streamed generation; `.result` is its Generation once it has ended
     (for a task answer, with `.value` parsed by the card once the stream is exhausted).
 
-    The engine stays locked while the stream is open: exhaust it or `close()` it (a `with`
-    block does) so other callers can go on.
+    The engine stays locked while the stream is open: exhaust it, `cancel()` it or `close()` it
+    (a `with` block does) so other callers can go on. `cancel()` and `close()` may be called
+    from any thread, also while another thread iterates: the answer stops before its next
+    token, with finish_reason "cancelled".
     """
 
-    def __init__(self, it: Iterator[str], sink: list, on_end: "Callable[[Generation], None] | None" = None):
+    def __init__(self, it: Iterator[str], sink: list, on_end: "Callable[[Generation], None] | None" = None,
+                 cancel: threading.Event | None = None):
         self._it = it
         self._sink = sink
         self._on_end = on_end
+        self._cancel = cancel if cancel is not None else threading.Event()
+
+    def on_end(self, callback: "Callable[[Generation], None]") -> None:
+        """Call `callback(result)` once, when the stream is exhausted (e.g. to parse the value)."""
+        self._on_end = callback
+
+    def cancel(self) -> None:
+        """Stop the answer before its next token (thread-safe; the iterating thread then ends)."""
+        self._cancel.set()
 
     def __iter__(self) -> "Stream":
         return self
@@ -45,7 +58,13 @@ class Stream:
             raise
 
     def close(self) -> None:
-        self._it.close()
+        """Cancel, and release the engine now when no other thread is iterating (else that
+        thread releases it at its next token)."""
+        self._cancel.set()
+        try:
+            self._it.close()
+        except ValueError:   # "generator already executing": another thread is inside next()
+            pass
 
     @property
     def result(self) -> "Generation | None":
