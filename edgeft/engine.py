@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import codecs
 import logging
+import numbers
 import os
 import threading
 import time
@@ -287,8 +288,9 @@ class Engine:
         its finish_reason is then "cancelled"."""
         if not isinstance(prompt, str) or not prompt:
             raise InputError("empty prompt", "give some text")
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral) or max_tokens < 0:
             raise InputError(f"max_tokens must be a whole number >= 0, got {max_tokens!r}")
+        max_tokens = int(max_tokens)
         sampling = _llama.Sampling(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
                                    min_p=float(min_p), seed=seed, grammar=grammar)
         sink: list[Generation] = []

@@ -51,24 +51,15 @@ def _prf(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
 def intent_classification(gold: Sequence[str], pred: Sequence[str | None], oos: str = OOS) -> dict:
     """Accuracy, macro-F1, in-scope accuracy and out-of-scope recall / precision. An invalid
     prediction (None) is wrong, and is neither an oos answer nor an in-scope one."""
-    if len(gold) != len(pred):
-        raise ValueError("gold and pred differ in length")
-    n = len(gold)
+    from .evaluate import classification   # evaluate imports this module: here, not at the top
+
     labels = sorted(set(gold) | {p for p in pred if p is not None})
-    per = {}
-    for lab in labels:
-        tp = sum(1 for g, p in zip(gold, pred) if g == lab and p == lab)
-        fp = sum(1 for g, p in zip(gold, pred) if g != lab and p == lab)
-        fn = sum(1 for g, p in zip(gold, pred) if g == lab and p != lab)
-        p, r, f = _prf(tp, fp, fn)
-        per[lab] = {"precision": p, "recall": r, "f1": f, "support": tp + fn}
+    m = classification(gold, pred, labels)   # macro-F1 over labels seen in gold or predictions
     inscope = [(g, p) for g, p in zip(gold, pred) if g != oos]
-    o = per.get(oos, {"precision": 0.0, "recall": 0.0})
-    return {"accuracy": sum(g == p for g, p in zip(gold, pred)) / n if n else 0.0,
-            "macro_f1": sum(v["f1"] for v in per.values()) / len(per) if per else 0.0,
+    o = m["per_class"].get(oos, {"precision": 0.0, "recall": 0.0})
+    return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
             "in_scope_accuracy": sum(g == p for g, p in inscope) / len(inscope) if inscope else 0.0,
-            "oos_recall": o["recall"], "oos_precision": o["precision"],
-            "per_class": per}
+            "oos_recall": o["recall"], "oos_precision": o["precision"], "per_class": m["per_class"]}
 
 
 # -- parsing ----------------------------------------------------------------------------------
