@@ -61,7 +61,7 @@ def test_run_shipped_sentiment_prints_one_label():
     assert len(res.stdout.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("name", ["sentiment", "ner", "summarize", "style", "classification"])
+@pytest.mark.parametrize("name", ["sentiment", "ner", "summarize", "style", "classification", "parsing"])
 def test_shipped_bundle_cards(name):
     folder = SHIPPED / name
     if not (folder / "adapter.gguf").is_file():
