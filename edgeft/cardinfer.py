@@ -232,7 +232,7 @@ def check_card(task: TaskSpec, examples: Sequence[Example]) -> list[str]:
             raise InputError(f"the card's labels do not cover {sum(missing.values())} answers in the data: {shown}",
                              "add them to the card's output.labels, fix the rows, or drop --task-card to infer the card")
     elif task.output.type == "json_schema":
-        bad = [e for e, a in zip(examples, answers) if _json_container(a) is None and not _is_json(a)]
+        bad = [e for e, a in zip(examples, answers) if not _is_json(a)]
         if bad:
             raise InputError(f"the card asks for JSON but the answers on lines {_lines(bad)} are not JSON",
                              "fix those rows, or use a card with a text or labels output")

@@ -149,24 +149,15 @@ def as_entities(value: Any) -> list[tuple[str, str]] | None:
 def efficiency(engine, adapter: str | None = None, *, rss: bool = True) -> dict:
     """Resident memory of this process (rss=False where the process also holds a torch model)
     and the adapter's size, MB."""
-    out: dict[str, Any] = {"rss_mb": _rss_mb()} if rss else {}
+    from .bench.machine import rss_mb   # the bench's reading of this process's resident memory
+
+    out: dict[str, Any] = {}
+    if rss:
+        mb = rss_mb()
+        out["rss_mb"] = round(mb, 1) if mb is not None else None
     if adapter is not None and adapter in engine.adapters:
         out["adapter_mb"] = round(engine.adapters[adapter].mb, 2)
     return out
-
-
-def _rss_mb() -> float | None:
-    try:
-        import os
-
-        with open("/proc/self/statm") as f:
-            return round(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6, 1)
-    except (OSError, ValueError, IndexError, AttributeError):
-        import resource
-        import sys
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss   # KiB on Linux, bytes on macOS
-        return round(peak / (1e6 if sys.platform == "darwin" else 1e3), 1)
 
 
 # -- running ----------------------------------------------------------------------------------
@@ -265,10 +256,7 @@ def predict(engine, task: TaskSpec, text: str | Example, *, adapter: str | None,
         msgs = task.conversation(ex.messages, shots=shots)
     else:
         raise InputError(f"line {ex.line}: a row with neither an input text nor chat messages")
-    cached = _grammar_cache.get(id(task))
-    if cached is None or cached[0] is not task:   # an id can be reused by a later task
-        cached = _grammar_cache[id(task)] = (task, task.output.grammar())
-    grammar = cached[1]
+    grammar = task.output.grammar()   # converted once per card (OutputSpec keeps it)
     t0 = time.perf_counter()
     res = engine.chat(msgs, adapter=adapter, grammar=grammar, max_tokens=task.max_tokens,
                       temperature=task.temperature, stop=task.stop)
@@ -282,7 +270,6 @@ def predict(engine, task: TaskSpec, text: str | Example, *, adapter: str | None,
     return Prediction(value, res.text, res.ttft_ms, res.decode_tps, res.completion_tokens, latency)
 
 
-_grammar_cache: dict[int, tuple[TaskSpec, str | None]] = {}
 
 
 @dataclass

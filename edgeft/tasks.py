@@ -65,18 +65,31 @@ class OutputSpec:
             raise AdapterError("task card: output type 'grammar' needs a 'gbnf' string")
 
     def grammar(self) -> str | None:
-        """GBNF text for llama.cpp's grammar sampler, or None for free text."""
+        """GBNF text for llama.cpp's grammar sampler, or None for free text. Converting a JSON
+        schema takes milliseconds and every `Engine.run` asks, so the text is kept per spec
+        (keyed by its content, so an edited spec converts again)."""
+        try:
+            key = (self.type, tuple(self.labels or ()), json.dumps(self.schema, sort_keys=True) if self.schema else None,
+                   self.gbnf)
+        except (RecursionError, TypeError, ValueError):   # a schema no converter takes: refused below
+            key = None
+        cached = self.__dict__.get("_grammar")
+        if key is not None and cached is not None and cached[0] == key:
+            return cached[1]
         if self.type == "labels":
-            return "root ::= " + " | ".join(_gbnf_literal(lab) for lab in self.labels or [])
-        if self.type == "json_schema":
+            g: str | None = "root ::= " + " | ".join(_gbnf_literal(lab) for lab in self.labels or [])
+        elif self.type == "json_schema":
             from .grammars import schema_to_gbnf   # checked: limits, local $refs only
 
-            return schema_to_gbnf(self.schema or {})
-        if self.type == "grammar":
+            g = schema_to_gbnf(self.schema or {})
+        elif self.type == "grammar":
             from .grammars import check_gbnf
 
-            return check_gbnf(self.gbnf)
-        return None
+            g = check_gbnf(self.gbnf)
+        else:
+            g = None
+        self.__dict__["_grammar"] = (key, g)   # not a dataclass field: asdict / eq never see it
+        return g
 
     def parse(self, text: str) -> Any:
         """The answer as a value: a label, a parsed JSON value, or the text. Raises InputError if invalid."""
