@@ -56,7 +56,8 @@ class TaskCard:
             raise AdapterError(f"{where}: base.sha256 must be 64 hex digits, got {shown(sha)}",
                                "remove it to skip the base check, or write the base's sha256")
         file = parts["adapter"].get("file", GGUF_FILE)
-        if not isinstance(file, str) or not file or file != Path(file).name or file in (".", ".."):
+        if not isinstance(file, str) or not file or len(file) > 255 or "\x00" in file or file != Path(file).name \
+                or file in (".", ".."):
             raise AdapterError(f"{where}: adapter.file must be a file name inside the bundle, got {shown(file)}",
                                "a bundle never reaches outside its folder; use \"adapter.gguf\"")
         try:

@@ -113,6 +113,7 @@ def _card(**over):
     ({"adapter__file": None}, "adapter.file must be a file name inside the bundle"),
     ({"adapter__file": "/etc/passwd"}, "adapter.file must be a file name inside the bundle"),   # was: loaded
     ({"adapter__file": "../other/adapter.gguf"}, "adapter.file must be a file name inside the bundle"),
+    ({"adapter__file": "x" * 5000}, "adapter.file must be a file name inside the bundle"),   # was: OSError ENAMETOOLONG
     ({"task__generation__stop": [1, 2]}, "stop must be a list"),
     ({"task__generation__stop": "abc"}, "stop must be a list"),           # was: split into 'a', 'b', 'c'
     ({"task__generation__max_tokens": -5}, "max_tokens must be a whole number"),   # was: an empty answer
