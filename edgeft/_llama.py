@@ -50,6 +50,8 @@ _memory_clear = _first("llama_memory_clear")
 _memory_seq_rm = _first("llama_memory_seq_rm")
 _kv_clear = _first("llama_kv_self_clear", "llama_kv_cache_clear")
 _kv_seq_rm = _first("llama_kv_self_seq_rm", "llama_kv_cache_seq_rm")
+HAS_SEQ_STATE = all(hasattr(llama_cpp, n) for n in ("llama_state_seq_get_size", "llama_state_seq_get_data",
+                                                     "llama_state_seq_set_data"))
 
 # llama_get_logits_ith with the address as a plain int (a fresh prototype, so llama-cpp-python's
 # own stays as it is): the generation loop compares it instead of wrapping a pointer per token.
@@ -184,6 +186,13 @@ set_log_verbosity(_env_verbosity())
 
 def system_info() -> str:
     return llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip()
+
+
+def prompt_cache_support() -> str:
+    """What doctor says about the per-adapter-set prompt cache (it needs llama_state_seq_*)."""
+    if HAS_SEQ_STATE:
+        return "yes (llama_state_seq_*; 32 MB per engine unless --prompt-cache-mb says otherwise)"
+    return "no (this llama-cpp-python lacks llama_state_seq_*; every swap prefills the prompt again)"
 
 
 def supports_gpu_offload() -> bool:
@@ -501,6 +510,26 @@ class Backend:
         if _memory_seq_rm is not None and _get_memory is not None:
             return bool(_memory_seq_rm(_get_memory(self.ctx), 0, keep, -1))
         return bool(_kv_seq_rm(self.ctx, 0, keep, -1))
+
+    def state_save(self) -> bytearray:
+        """Sequence 0's KV state (cells, positions, K and V) as bytes: llama_state_seq_get_data."""
+        n = int(llama_cpp.llama_state_seq_get_size(self.ctx, 0))
+        buf = bytearray(n)
+        if n:
+            got = int(llama_cpp.llama_state_seq_get_data(self.ctx, (ctypes.c_uint8 * n).from_buffer(buf), n, 0))
+            del buf[got:]
+        return buf
+
+    def state_restore(self, state: bytearray) -> bool:
+        """Replace sequence 0 with a saved state; False (and an empty memory) if llama.cpp refuses it."""
+        self.memory_clear()
+        n = len(state)
+        if not n:
+            return False
+        ok = int(llama_cpp.llama_state_seq_set_data(self.ctx, (ctypes.c_uint8 * n).from_buffer(state), n, 0)) > 0
+        if not ok:
+            self.memory_clear()
+        return ok
 
     # -- adapters -----------------------------------------------------------------------
     def adapter_load(self, path: str) -> Any:

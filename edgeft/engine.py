@@ -29,6 +29,7 @@ from .errors import AdapterError, InputError
 from .generation import Generation, Stats, Stream
 from .gguf_info import AdapterInfo, BaseInfo, base_info, inspect_adapter
 from .models import BaseModel, Progress, resolve_base
+from .prompt_cache import MIN_REUSE, AdapterSetKey, PromptCache
 from .registry import find
 from .tasks import TaskSpec
 
@@ -48,6 +49,7 @@ class LoadedAdapter:
     handle: Any
     load_ms: float
     last_used: float = 0.0
+    version: tuple = ()   # the file's (path, inode, size, mtime_ns) when loaded: keys the prompt cache
 
     @property
     def mb(self) -> float:
@@ -63,7 +65,11 @@ class Engine:
                  n_threads: int | None = None, n_batch: int = 512, n_gpu_layers: int = 0,
                  use_mmap: bool = True, use_mlock: bool = False, memory_budget_mb: float | None = None,
                  adapter_dirs: Sequence[str | os.PathLike] = (), progress: Progress | None = None,
-                 flash_attn: bool = False, verbose: bool | None = None):
+                 flash_attn: bool = False, verbose: bool | None = None, prompt_cache_mb: float = 32.0):
+        if isinstance(prompt_cache_mb, bool) or not isinstance(prompt_cache_mb, numbers.Real) \
+                or not 0 <= prompt_cache_mb <= 1e6:
+            raise InputError(f"prompt cache budget must be between 0 and 1000000 MB, got {prompt_cache_mb!r}",
+                             "pass --prompt-cache-mb 0 to turn the cache off, or a budget in MB such as 32")
         if verbose is None:
             verbose = bool(os.environ.get("EDGEFT_VERBOSE"))
         self.base: BaseModel = resolve_base(base, progress=progress)
@@ -82,6 +88,8 @@ class Engine:
         self._inspected: dict[tuple, AdapterInfo] = {}  # (path, inode, size, mtime_ns) -> validated info
         self._selected: dict[str, float] = {}   # what use() asked for
         self._applied: tuple = ()               # ((name, scale), ...) on the context now
+        self._applied_key: AdapterSetKey = ()   # the same with each adapter's file version
+        self.prompt_cache = PromptCache(float(prompt_cache_mb) if _llama.HAS_SEQ_STATE else 0.0)
         self._kv_tokens: list[int] = []         # tokens whose K/V are in memory, under _applied
         self._kv_batched = 0                    # leading _kv_tokens decoded in multi-token batches
         self.stats = Stats()
@@ -146,7 +154,8 @@ class Engine:
         self._make_room(info.nbytes / 1e6, keep=set(keep) | set(self._selected) | {n for n, _ in self._applied})
         t0 = time.perf_counter()
         handle = self._b.adapter_load(str(bundle.gguf_path))
-        la = LoadedAdapter(name, bundle, info, handle, (time.perf_counter() - t0) * 1e3, time.monotonic())
+        la = LoadedAdapter(name, bundle, info, handle, (time.perf_counter() - t0) * 1e3, time.monotonic(),
+                           version=_file_version(bundle.gguf_path))
         self._adapters[name] = la
         self._known[name] = bundle
         return name
@@ -197,6 +206,7 @@ class Engine:
 
     def _unload(self, name: str) -> None:
         if any(n == name for n, _ in self._applied):
+            self._save_prompt()
             self._b.set_adapters([], [])
             self._applied = ()
             self._invalidate_kv()
@@ -227,9 +237,11 @@ class Engine:
             self._touch(name)
         if target == self._applied:
             return
+        self._save_prompt()
         t0 = time.perf_counter()
         self._b.set_adapters([self._adapters[n].handle for n, _ in target], [s for _, s in target])
         self._applied = target
+        self._applied_key = tuple((n, self._adapters[n].version, s) for n, s in target)
         self._invalidate_kv()
         dt = (time.perf_counter() - t0) * 1e3
         self.stats.swaps += 1
@@ -237,14 +249,37 @@ class Engine:
         self.stats.swap_ms.append(dt)
         del self.stats.swap_ms[:-1000]
 
+    def _save_prompt(self) -> None:
+        """Before a swap clears it: keep the K/V of the batched prompt prefix under its adapter set."""
+        n = self._kv_batched
+        if not self.prompt_cache.enabled or n < MIN_REUSE:
+            return
+        if n < len(self._kv_tokens) and not self._b.memory_truncate(n):
+            return
+        self.prompt_cache.put(self._applied_key, self._kv_tokens[:n], self._b.state_save())
+
+    def _restore_prompt(self, tokens: list[int], usable: int, have: int) -> int | None:
+        """Restore this adapter set's cached prompt sharing the longest prefix with `tokens` when
+        it holds at least MIN_REUSE more tokens than the `have` in memory; returns the tokens now
+        in memory, or None when memory was left as it was."""
+        hit = self.prompt_cache.best(self._applied_key, tokens, usable, at_least=have + MIN_REUSE)
+        if hit is None:
+            return None
+        state, _, keep = hit
+        if not self._b.state_restore(state) or not self._b.memory_truncate(keep):
+            self._b.memory_clear()
+            return 0
+        return keep
+
     def _invalidate_kv(self) -> None:
         self._b.memory_clear()
         self._kv_tokens = []
         self._kv_batched = 0
 
     def reset(self) -> None:
-        """Forget the KV cache (a new conversation)."""
+        """Forget the KV cache (a new conversation); its prompt prefix stays in the prompt cache."""
         with self._lock:
+            self._save_prompt()
             self._invalidate_kv()
 
     # -- generation -----------------------------------------------------------------------
@@ -396,6 +431,10 @@ class Engine:
         if common < len(self._kv_tokens) and not b.memory_truncate(common):
             b.memory_clear()
             common = 0
+        if self.prompt_cache.enabled and len(tokens) - 2 >= common + MIN_REUSE:
+            # the cache restores only K/V a fresh batched decode under this very set computed
+            restored = self._restore_prompt(tokens, len(tokens) - 2, common)
+            common = common if restored is None else restored
         self._kv_tokens = tokens[:common]
         self._kv_batched = common
         try:
@@ -468,6 +507,7 @@ class Engine:
                 self._applied = ()
             for name in list(self._adapters):
                 b.adapter_free(self._adapters.pop(name).handle)
+            self.prompt_cache.clear()
             b.close()
             self._b = None
 
@@ -483,3 +523,12 @@ class Engine:
                 self.close()
         except Exception:
             pass
+
+
+def _file_version(path: Path) -> tuple:
+    """(path, inode, size, mtime_ns): K/V computed under one version never serve another."""
+    try:
+        st = path.stat()
+    except OSError:
+        return (str(path),)
+    return (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)

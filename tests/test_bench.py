@@ -114,7 +114,7 @@ def test_evaluate_targets_handles_missing_values():
     assert by["swapms"]["met"] is True
     assert by["reload-per-switchx"]["met"] is False
     assert all(r["met"] is None for r in rows if r["value"] is None)
-    assert len(rows) == 6
+    assert len(rows) == 8
 
 
 def test_memory_bandwidth_positive():
@@ -199,7 +199,14 @@ def test_bench_quick_json(tmp_path, base_path):
     _num(r["bandwidth_gbs"], 0.05, 10_000)
     _num(r["decode_bound_tps"])
 
-    assert len(r["targets"]) == 6
+    pc = r["prompt_cache"]
+    for k in ("same_cache_off", "alternating_cache_off", "same_cache_on", "alternating_cache_on"):
+        _num(pc[k]["ttft_ms"]["p50"])
+    assert pc["alternating_cache_off"]["reused_tokens_mean"] == 0     # every request follows a swap
+    assert pc["alternating_cache_on"]["reused_tokens_mean"] > 20      # the system prompt, from the cache
+    assert pc["same_cache_on"]["reused_tokens_mean"] > 20
+    assert r["targets"][7]["value"] == pc["cache_off_over_on_alternating"]
+    assert len(r["targets"]) == 8
     assert all(t["met"] in (True, False, None) for t in r["targets"])
     assert r["evictions"] is None and r["llama_bench"] is None  # laptop profile, no binary given
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

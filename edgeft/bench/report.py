@@ -32,6 +32,9 @@ def evaluate_targets(res: dict) -> list[dict]:
         ("decode with 1 adapter / without", g("decode_ratio_interleaved", "adapter") or g("decode_ratio", "adapter"),
          ">=", 0.90, "x"),
         ("edgeft decode / llama-bench tg", lb, ">=", 0.95, "x"),
+        ("TTFT alternating adapters / same adapter (prompt cache on)",
+         g("prompt_cache", "alternating_over_same_cache_on"), "<=", 1.15, "x"),
+        ("TTFT alternating adapters: cache off / on", g("prompt_cache", "cache_off_over_on_alternating"), ">=", 2.5, "x"),
     ]
     out = []
     for name, value, op, limit, unit in rows:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import InputError
+from .cache import prompt_cache_phase
 from .fixtures import merge_adapter, write_random_adapter
 from .llama_bench import _llama_bench_pairs, llama_bench_binary, run_llama_bench
 from .machine import _loadavg, machine_info, memory_bandwidth_gbs
@@ -89,6 +90,9 @@ def run_bench(base: str | None = None, adapters: Sequence[str] | None = None, *,
             res.update(_load_adapters(run))
             res.update(_swaps(run))
             res.update(_ttft(run))
+            if run.names[1:]:
+                a_sel, b_sel, _ = run.selections()
+                res["prompt_cache"] = prompt_cache_phase(run.eng, a_sel, b_sel, 3 if run.quick else 3 * run.reps, run.say)
             merged = _merged_model(run)
             res.update(_decode(run, lb_bin, merged))
             res["merged"] = merged
@@ -220,7 +224,9 @@ def _load_base(run: _Run) -> dict:
         run.say(f"base load, {i}/{n_loads}")
         if eng is not None:
             eng.close()
-        eng = run.engine(run.base_path, memory_budget_mb=run.budget, adapter_dirs=run.adapter_dirs)
+        # the cache off: the phases below measure a cleared KV memory (the cache has its own phase)
+        eng = run.engine(run.base_path, memory_budget_mb=run.budget, adapter_dirs=run.adapter_dirs,
+                         prompt_cache_mb=0)
         if i:
             run.base_load_ms.append(eng.load_ms)
     run.eng = eng

@@ -113,7 +113,7 @@ def _targets_table(res: dict):
 
 def bench(
     base: Base = None,
-    adapters: Annotated[Optional[str], typer.Option("--adapters", help="Comma-separated adapters to measure (names, bundle folders or .gguf). Default: two random rank-8 all-linear f32 adapters.")] = None,
+    adapters: Annotated[Optional[list[str]], typer.Option("--adapter", "-a", "--adapters", help="Adapter to measure (repeatable, or NAME,NAME): a name, bundle folder or .gguf. Default: two random rank-8 all-linear f32 adapters.")] = None,
     profile: Annotated[str, typer.Option("--profile", help="laptop (all cores, ctx 2048, batch 512), phone (2 threads, ctx 1024, batch 128, adapter budget forcing LRU evictions), or a NAME for a custom run with laptop defaults.")] = "laptop",
     threads: Threads = None,
     ctx: Annotated[Optional[int], typer.Option("--ctx", help="Context size (default: the profile's).")] = None,
@@ -134,7 +134,7 @@ def bench(
     from ..bench import plot, run_bench
 
     err = Console(stderr=True)
-    refs = [a.strip() for a in (adapters or "").split(",") if a.strip()]
+    refs = [a.strip() for given in adapters or [] for a in given.split(",") if a.strip()]
     # The progress line is redrawn only when the bench reports a step: a spinner would redraw it
     # from a thread ~12 times a second, taking CPU from the threads being measured.
     with Live(Text("edgeft bench: starting"), console=err, auto_refresh=False, transient=True) as live:

@@ -9,7 +9,8 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import EdgeftError, InputError
-from .common import Adapter, AdapterDir, Base, Ctx, FlashAttn, Force, GpuLayers, MemoryBudget, Threads, open_engine
+from .common import (Adapter, AdapterDir, Base, Ctx, FlashAttn, Force, GpuLayers, MemoryBudget, PromptCacheMB,
+                     Threads, open_engine)
 
 
 def _load_adapters(eng, adapters: list[str] | None, force: bool) -> dict:
@@ -62,6 +63,7 @@ def run(
     flash_attn: FlashAttn = False,
     adapter_dir: AdapterDir = None,
     memory_budget: MemoryBudget = None,
+    prompt_cache_mb: PromptCacheMB = 32.0,
     force: Force = False,
 ) -> None:
     """Answer one input (or a JSONL batch), honouring the adapter's task card."""
@@ -75,7 +77,8 @@ def run(
             raise InputError("empty input", 'pass TEXT, e.g. edgeft run "Hello", or pipe it on stdin')
     task = read_task(task_card) if task_card else None
     eng = open_engine(base, ctx=ctx, threads=threads, gpu_layers=gpu_layers, adapter_dirs=adapter_dir,
-                      memory_budget=memory_budget, flash_attn=flash_attn)
+                      memory_budget=memory_budget, flash_attn=flash_attn,
+                      prompt_cache_mb=prompt_cache_mb)
     with eng:
         active = _load_adapters(eng, adapter, force)
         gen = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
@@ -136,11 +139,13 @@ def chat(
     flash_attn: FlashAttn = False,
     adapter_dir: AdapterDir = None,
     memory_budget: MemoryBudget = None,
+    prompt_cache_mb: PromptCacheMB = 32.0,
     force: Force = False,
 ) -> None:
     """Interactive chat, streamed; adapters switch with /use without reloading the base."""
     eng = open_engine(base, ctx=ctx, threads=threads, gpu_layers=gpu_layers, adapter_dirs=adapter_dir,
-                      memory_budget=memory_budget, flash_attn=flash_attn)
+                      memory_budget=memory_budget, flash_attn=flash_attn,
+                      prompt_cache_mb=prompt_cache_mb)
     with eng:
         active = _load_adapters(eng, adapter, force)
         typer.secho(f"edgeft chat: base {eng.base.id}, adapters {_fmt(active)}. /help for commands.", dim=True)
@@ -219,6 +224,9 @@ def _slash(eng, line: str, history: list) -> str | None:
         elif cmd == "/stats":
             g = eng.stats.last
             typer.echo(f"swaps {eng.stats.swaps}, last swap {eng.stats.last_swap_ms:.3f} ms, evictions {eng.stats.evictions}")
+            pc = eng.prompt_cache.report()
+            typer.echo(f"prompt cache: {pc['entries']} prompts, {pc['mb']:.1f} of {pc['budget_mb']:.0f} MB, "
+                       f"{pc['hits']} hits, {pc['misses']} misses, {pc['reused_tokens']} tokens reused")
             if g:
                 typer.echo(f"last answer: prompt {g.prompt_tokens} tok (reused {g.reused_prefix}), TTFT {g.ttft_ms:.1f} ms, "
                            f"{g.completion_tokens} tok at {g.decode_tps:.1f} tok/s")

@@ -8,14 +8,15 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import EdgeftError, InputError
-from .common import AdapterDir, Base, Ctx, FlashAttn, Force, GpuLayers, MemoryBudget, Threads, open_engine
+from .common import (AdapterDir, Base, Ctx, FlashAttn, Force, GpuLayers, MemoryBudget, PromptCacheMB, Threads,
+                     open_engine)
 
 
 def serve(
     host: Annotated[str, typer.Option("--host", help="Address to listen on. 0.0.0.0 exposes the server to the network: use --api-key.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", "-p", help="TCP port (0 picks a free one and prints it).")] = 8080,
     base: Base = None,
-    adapters: Annotated[Optional[str], typer.Option("--adapters", help="Adapters to load at start: NAME,NAME (registered names or bundle paths) or 'all' (every registered one). Registered adapters not named here load on their first request.")] = None,
+    adapters: Annotated[Optional[list[str]], typer.Option("--adapter", "-a", "--adapters", help="Adapter to load at start (repeatable, or NAME,NAME): a registered name or bundle path, or 'all' (every registered one). Registered adapters not named here load on their first request.")] = None,
     adapter_dir: AdapterDir = None,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="EDGEFT_API_KEY", show_envvar=True, help="Require 'Authorization: Bearer KEY' on every route but /health.")] = None,
     max_tokens_limit: Annotated[int, typer.Option("--max-tokens-limit", min=1, help="The most tokens one request may ask for (more: 400).")] = 2048,
@@ -26,6 +27,7 @@ def serve(
     gpu_layers: GpuLayers = 0,
     flash_attn: FlashAttn = False,
     memory_budget: MemoryBudget = None,
+    prompt_cache_mb: PromptCacheMB = 32.0,
     force: Force = False,
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level: critical, error, warning, info, debug (debug logs every request).")] = "info",
 ) -> None:
@@ -50,9 +52,10 @@ def serve(
     sock = server.bind_socket(host, port)   # fail on a busy port before loading the model
     try:
         eng = open_engine(base, ctx=ctx, threads=threads, gpu_layers=gpu_layers, adapter_dirs=adapter_dir,
-                          memory_budget=memory_budget, flash_attn=flash_attn)
+                          memory_budget=memory_budget, flash_attn=flash_attn,
+                      prompt_cache_mb=prompt_cache_mb)
         with eng:
-            loaded = _preload(eng, adapters, adapter_dir or [], force)
+            loaded = _preload(eng, ",".join(adapters) if adapters else None, adapter_dir or [], force)
             cfg = server.ServerConfig(api_key=api_key, max_tokens_limit=max_tokens_limit, queue_size=queue,
                                       max_body_bytes=max_body_kb * 1024, adapter_dirs=list(adapter_dir or []),
                                       loopback_only=not exposed)

@@ -331,7 +331,8 @@ class Server:
         w = self.worker
         c = w.counters
         return JSONResponse({"status": "ok", "busy": w.busy, "queued": w.queued, "served": c.served,
-                             "cancelled": c.cancelled, "rejected": c.rejected, "errors": c.errors})
+                             "cancelled": c.cancelled, "rejected": c.rejected, "errors": c.errors,
+                             "prompt_cache": self.engine.prompt_cache.report()})
 
     def begin_shutdown(self) -> None:
         """From a signal handler: end open requests at once instead of after uvicorn's grace period."""
