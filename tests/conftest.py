@@ -1,5 +1,7 @@
-"""Shared fixtures: the real SmolLM2 base (pulled once per machine into EDGEFT_HOME) and
-random adapters written with the `gguf` writer for that base's tensor shapes."""
+"""Shared fixtures: a tiny random llama base written with numpy + gguf (`tiny_base`,
+`tiny_engine`: every test that needs *a* model, the fast lane) and the real SmolLM2 base
+(`base_path`, `engine`: pulled once per machine into EDGEFT_HOME, for the tests where real
+language matters). Random adapters for either come from helpers.write_adapter."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+TINY_CTX = 4096
 
 
 @pytest.fixture(scope="session")
@@ -23,6 +26,25 @@ def engine(base_path):
     from edgeft import Engine
 
     eng = Engine(str(base_path), n_ctx=1024, n_threads=2)
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """The tiny base (tests/tiny_gguf.py), written once per session; its id is the file's stem."""
+    from tiny_gguf import write_tiny_base
+
+    return write_tiny_base(tmp_path_factory.mktemp("tiny-base") / "tiny-llama.gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_base):
+    """An Engine on the tiny base. One thread: its matrices are so small that a second thread
+    costs more in synchronisation than it saves (about 10x slower decode on 2 busy cores)."""
+    from edgeft import Engine
+
+    eng = Engine(str(tiny_base), n_ctx=TINY_CTX, n_threads=1)
     yield eng
     eng.close()
 
@@ -45,7 +67,7 @@ REAL_BASE_FIXTURES = {"base_path", "engine"}
 
 def pytest_collection_modifyitems(config, items):
     """Every test that loads the real 98 MB base is `slow`, marked or not: `pytest -m "not slow"`
-    is the fast lane (tiny models written with numpy/gguf, pure Python), the full run takes all."""
+    is the fast lane (the tiny base, pure Python), the full run takes all."""
     for item in items:
         if REAL_BASE_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)

@@ -1,5 +1,6 @@
-"""`edgeft serve` end to end: a real server process (the CLI, on a free loopback port) with the real
-SmolLM2 base and random (B != 0) adapters, driven by real clients (the `openai` package, httpx).
+"""`edgeft serve` end to end: a real server process (the CLI, on a free loopback port) with the tiny
+base (tests/tiny_gguf.py: none of this needs real language) and random (B != 0) adapters, driven by
+real clients (the `openai` package, httpx).
 
 Greedy answers must equal the in-process Engine's / `edgeft run`'s whatever the interleaving; the
 server must survive bad input, concurrency, a 1000-request soak (RSS bounded), client
@@ -28,30 +29,29 @@ httpx = pytest.importorskip("httpx")
 
 from helpers import write_bundle  # noqa: E402
 
-pytestmark = pytest.mark.slow
-
 REPO = Path(__file__).resolve().parent.parent
 KEY = "sk-test-0123456789"
-LIMIT = 256          # --max-tokens-limit
+CTX = 8192           # --ctx: room for answers long enough to be cut off (the tiny base decodes ~3000 tok/s)
+LIMIT = 8000         # --max-tokens-limit
 BODY_KB = 64         # --max-body-kb
 QUEUE = 8            # --queue
-BASE_ID = "smollm2-135m"
+BASE_ID = "tiny-llama"   # the base's name in `model`: the tiny base's file stem (conftest.tiny_base)
 SENTI = {"system": "Classify the sentiment of the text.", "template": "Text: {input}\nSentiment:",
          "output": {"type": "labels", "labels": ["positive", "negative", "neutral"]},
-         "generation": {"max_tokens": 4, "temperature": 0.0}}
+         "generation": {"max_tokens": 10, "temperature": 0.0}}   # the tiny base spells a label a character a token
 
 
 # -- fixtures ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory, base_path):
+def registry(tmp_path_factory, tiny_base):
     reg = tmp_path_factory.mktemp("registry")
     # B large enough that even 8 greedy tokens differ between adapters and from the base
-    write_bundle(reg / "a", base_path, name="a", seed=1, b_std=0.2)
-    write_bundle(reg / "b", base_path, name="b", seed=2, b_std=0.2, rank=4)
-    write_bundle(reg / "c", base_path, name="c", seed=3, b_std=0.3, targets=("attn_q", "attn_v"))
-    write_bundle(reg / "senti", base_path, name="senti", seed=4, b_std=0.05, task=SENTI)
+    write_bundle(reg / "a", tiny_base, name="a", seed=1, b_std=0.2)
+    write_bundle(reg / "b", tiny_base, name="b", seed=2, b_std=0.2, rank=4)
+    write_bundle(reg / "c", tiny_base, name="c", seed=3, b_std=0.3, targets=("attn_q", "attn_v"))
+    write_bundle(reg / "senti", tiny_base, name="senti", seed=4, b_std=0.05, task=SENTI)
     outside = tmp_path_factory.mktemp("outside")
-    write_bundle(outside / "evil", base_path, name="evil", seed=5, b_std=0.05)
+    write_bundle(outside / "evil", tiny_base, name="evil", seed=5, b_std=0.05)
     (reg / "link").symlink_to(outside / "evil", target_is_directory=True)   # a symlink escape
     return reg, outside
 
@@ -80,19 +80,17 @@ class Srv:
 
 
 @pytest.fixture(scope="module")
-def server(registry, tmp_path_factory):
-    from edgeft.paths import bases_dir
-
+def server(registry, tmp_path_factory, tiny_base):
     reg, _ = registry
     tmp = tmp_path_factory.mktemp("serve")
     home = tmp / "home"
     home.mkdir()
-    (home / "models").symlink_to(bases_dir(), target_is_directory=True)
     env = {**os.environ, "EDGEFT_HOME": str(home), "PYTHONUNBUFFERED": "1"}
     env.pop("EDGEFT_API_KEY", None)
     # one llama.cpp thread: the HTTP side and the clients need the other core (and on a busy
     # machine 2 spinning threads are many times slower than 1)
-    cmd = [sys.executable, "-m", "edgeft", "serve", "--port", "0", "--threads", "1", "--ctx", "1024",
+    cmd = [sys.executable, "-m", "edgeft", "serve", "--base", str(tiny_base), "--port", "0", "--threads", "1",
+           "--ctx", str(CTX),
            "--adapter-dir", str(reg), "--adapters", "a,senti", "--api-key", KEY, "--queue", str(QUEUE),
            "--max-tokens-limit", str(LIMIT), "--max-body-kb", str(BODY_KB), "--log-level", "warning"]
     out, err = tmp / "stdout.txt", tmp / "stderr.txt"
@@ -132,12 +130,12 @@ def server(registry, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ref(registry, base_path):
+def ref(registry, tiny_base):
     """The in-process Engine the server's answers must equal (same threads and context)."""
     from edgeft import Engine
 
     reg, _ = registry
-    eng = Engine(str(base_path), n_ctx=1024, n_threads=1, adapter_dirs=[str(reg)])
+    eng = Engine(str(tiny_base), n_ctx=CTX, n_threads=1, adapter_dirs=[str(reg)])
     for name in ("a", "b", "c", "senti"):
         eng.load_adapter(name, name=name)
     yield eng
@@ -202,8 +200,8 @@ def test_openai_chat_and_completions_match_engine(server, ref):
     assert r.choices[0].message.content == want_base != want.text
 
     # stop sequences (str and list) are honoured like the engine does
-    want_stop = ref.chat(msgs, adapter="a", max_tokens=8, stop=[" "]).text
-    r = c.chat.completions.create(model="a", messages=msgs, max_tokens=8, stop=" ")
+    want_stop = ref.chat(msgs, adapter="a", max_tokens=24, stop=[" "]).text
+    r = c.chat.completions.create(model="a", messages=msgs, max_tokens=24, stop=" ")
     assert r.choices[0].message.content == want_stop and r.choices[0].finish_reason == "stop"
 
     # several adapters mixed with scales through the `adapters` extension field
@@ -259,7 +257,7 @@ def test_prefix_is_reused_for_the_same_adapter_set(server):
 # -- concurrency: answers independent of interleaving --------------------------------------------
 def test_concurrent_clients_get_the_sequential_answers(server):
     # short prompts (a one-word system message replaces the template's default one) and 6 tokens:
-    # the cost is the engine's, about 25 ms of CPU per token on one thread
+    # the cost is the engine's
     brief = [{"role": "system", "content": "Be brief."}]
     combos = [(kind, model, text) for model in ("a", "b", "c", BASE_ID)
               for kind, text in (("chat", "Name a fruit."), ("completion", "Once upon a"),
@@ -361,8 +359,8 @@ def test_bad_input_gets_openai_errors_never_500(server):
     for body in ({**ok, "messages": _user("nul \x00 byte")}, {**ok, "seed": -(10 ** 30)}, {**ok, "top_k": 50, "min_p": 0.1},
                  {**ok, "messages": [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "hi"}]}]}):
         assert h.post(chat, json=body).status_code == 200, body
-    e = _err(h.post(chat, json={**ok, "messages": _user("hello " * 1100)}), 400, "context_length_exceeded")
-    assert "1024" in e["message"]
+    e = _err(h.post(chat, json={**ok, "messages": _user("hello " * (CTX // 5))}), 400, "context_length_exceeded")
+    assert str(CTX) in e["message"]
     # body size: by Content-Length, and by counting a chunked body without one
     _err(h.post(chat, json={**ok, "messages": _user("x" * (BODY_KB * 1024))}), 413, "request_too_large")
     _err(h.post(chat, content=iter([b'{"model": "a", "messages": [{"role": "user", "content": "', b"x" * 70000, b'"}]}']),
@@ -428,7 +426,8 @@ def test_full_queue_answers_503(server):
     async def burst() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"},
                                      timeout=120) as ac:
-            body = {"model": "b", "messages": _user("Write a list of animals."), "max_tokens": 4}
+            # 1000 tokens: ~0.3 s each, so the burst arrives while the first answers run
+            body = {"model": "b", "messages": _user("Write a list of animals."), "max_tokens": 1000}
             return await asyncio.gather(*(ac.post("/v1/chat/completions", json=body) for _ in range(QUEUE + 12)))
 
     rs = asyncio.run(burst())
