@@ -22,7 +22,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-_COMMAND_MODULES = ("run", "manage", "card", "convert", "train", "bench", "serve")
+_COMMAND_MODULES = ("run", "manage", "card", "convert", "train", "bench", "serve", "export")
 
 
 def _register_all() -> None:

@@ -15,32 +15,60 @@ adapters_app = typer.Typer(help="List, inspect, register and remove adapter bund
 
 
 def pull(
-    model: Annotated[Optional[str], typer.Argument(help="Base model id (default: the default base).")] = None,
-    list_: Annotated[bool, typer.Option("--list", help="List the known base models.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Fetch again even if present and verified.")] = False,
+    model: Annotated[Optional[str], typer.Argument(help="Base model id (default: the default base), or hf:OWNER/REPO/FILE.gguf[@REVISION] for any GGUF on the Hugging Face Hub.")] = None,
+    list_: Annotated[bool, typer.Option("--list", help="List the known base models (shipped manifests and Hub files pulled before).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Fetch again even if present and verified (for hf: files, accept a file that changed on the Hub).")] = False,
+    sha256: Annotated[Optional[str], typer.Option("--sha256", help="For hf: files: the sha256 the file must have (e.g. from a bundle's card).")] = None,
 ) -> None:
-    """Download a base model named by a manifest in models/bases and verify its sha256."""
-    from ..models import default_base_id, is_verified, manifests, pull_base
+    """Download a base model (a manifest in models/bases, or a GGUF on the Hugging Face Hub) and verify its sha256.
+
+    Hub files go through huggingface_hub: its cache, progress bar and resume; HF_ENDPOINT, HF_TOKEN and
+    HF_HUB_OFFLINE apply. Their sha256 is recorded in a local manifest (EDGEFT_HOME/bases) so bundles can pin it.
+    """
+    from ..hub import is_ref
+    from ..models import default_base_id, manifests, pull_base, pull_hf
 
     if list_:
-        for m in manifests().values():
-            state = "ok" if is_verified(m) else "not pulled"
-            typer.echo(f"{m.id:16} {m.size / 1e6:7.1f} MB  {m.architecture:8} {m.license:12} {state}  {m.name}")
+        _list_bases(manifests())
         return
     model = model or default_base_id()
     cb, close = progress_printer()
     try:
-        path = pull_base(model, progress=cb, force=force)
+        if is_ref(model) or sha256 is not None:
+            m = pull_hf(model, sha256=sha256, progress=cb, force=force)
+            path, digest, checked = m.path, m.sha256, m.extra.get("sha256_checked_against")
+        else:
+            path = pull_base(model, progress=cb, force=force)
+            m = manifests()[model]
+            digest, checked = m.sha256, m.extra.get("sha256_checked_against", "manifest")
     finally:
         close()
-    typer.echo(f"{model}: {path} (sha256 verified)")
+    against = {"manifest": "verified against the manifest", "hub-etag": "verified against the Hub's LFS ETag"}
+    typer.echo(f"{m.id}: {path}")
+    typer.echo(f"  sha256 {digest} ({against.get(checked or '', 'recorded on first pull: no published checksum to verify it against')})")
+
+
+def _list_bases(table) -> None:
+    from ..models import arch_status, is_verified
+
+    for m in table.values():
+        if is_verified(m):
+            state = "ok"
+        elif m.sha256 is None:
+            state = "not pulled (sha256 recorded on first pull)"
+        else:
+            state = "not pulled"
+        size = f"{m.size / 1e6:7.1f} MB" if m.size else "      ? MB"
+        typer.echo(f"{m.id:16} {size}  {m.architecture:8} {m.license[:12]:12} {state}  {m.name}")
+    archs = sorted({m.architecture for m in table.values()})
+    typer.echo("adapters per architecture: " + "; ".join(f"{a}: {arch_status(a)}" for a in archs))
 
 
 def doctor(adapter_dir: AdapterDir = None) -> None:
     """Versions, llama.cpp build features, GPU offload, EDGEFT_HOME, bases and adapters with their state."""
     from .. import __version__, _llama
     from ..gguf_info import base_info, inspect_adapter
-    from ..models import is_verified, manifests
+    from ..models import ARCH_STATUS, arch_status, is_verified, manifests
     from ..paths import edgeft_home
     from ..registry import available
     from ..bundles import AdapterBundle
@@ -50,6 +78,7 @@ def doctor(adapter_dir: AdapterDir = None) -> None:
     typer.echo(f"llama-cpp-python  {_llama.VERSION}  (API: {', '.join(f'{k}={v}' for k, v in _llama.api_names().items())})")
     typer.echo(f"llama.cpp build   {_llama.system_info()}")
     typer.echo(f"GPU offload       {'yes' if _llama.supports_gpu_offload() else 'no (CPU build)'}")
+    typer.echo(f"prompt cache      {_llama.prompt_cache_support()}")
     typer.echo(f"EDGEFT_HOME       {edgeft_home()}")
     typer.echo("bases:")
     infos = {}
@@ -57,7 +86,12 @@ def doctor(adapter_dir: AdapterDir = None) -> None:
         good = is_verified(m)
         if good:
             infos[m.id] = base_info(m.path)
-        typer.echo(f"  {'ok ' if good else '-- '} {m.id:16} {m.path if good else 'not pulled: edgeft pull ' + m.id}")
+        typer.echo(f"  {'ok ' if good else '-- '} {m.id:16} {m.path if good else 'not pulled: edgeft pull ' + m.id}"
+                   f"  [{m.architecture}: {arch_status(m.architecture, short=True)}]")
+    typer.echo("architectures (what the adapter path - convert, train, export - was checked on):")
+    for arch in ARCH_STATUS:
+        typer.echo(f"  {arch:8} {arch_status(arch)}")
+    typer.echo(f"  {'other':8} {arch_status(None)}")
     typer.echo("adapters:")
     for name, folder in available(adapter_dir or []).items():
         try:
