@@ -10,6 +10,7 @@ each is feature-detected once here.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import functools
@@ -17,6 +18,7 @@ import json
 import logging
 import os
 import sys
+import threading
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -75,6 +77,30 @@ _last_errors: deque[str] = deque(maxlen=8)
 _verbosity = 0
 _last_level = _GGML_INFO
 _reserves = 0
+
+
+_defaults_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _context_defaults(**fields):
+    """llama-cpp-python's Llama sets no n_seq_max / kv_unified for generation; its context
+    params start from llama_context_default_params(), so that is what gets these fields."""
+    mod = llama_cpp.llama_cpp
+    with _defaults_lock:
+        orig = mod.llama_context_default_params
+
+        def patched():
+            p = orig()
+            for k, v in fields.items():
+                setattr(p, k, v)
+            return p
+
+        mod.llama_context_default_params = patched
+        try:
+            yield
+        finally:
+            mod.llama_context_default_params = orig
 
 
 @llama_cpp.llama_log_callback
@@ -309,12 +335,12 @@ class Sampler:
         return llama_cpp.llama_token_data_array(
             data=buf.ctypes.data_as(llama_cpp.llama_token_data_p), size=len(buf), selected=-1, sorted=False)
 
-    def sample(self, ctx, logits: np.ndarray) -> int:
-        """The next token from `logits` (the last decoded token's row, a view of llama.cpp's buffer)."""
+    def sample(self, ctx, logits: np.ndarray, row: int = -1) -> int:
+        """The next token from `logits` (row `row` of the last decode, a view of llama.cpp's buffer)."""
         if self._greedy:
             return int(np.argmax(logits))
         if self.grammar is None:
-            return int(llama_cpp.llama_sampler_sample(self.ptr, ctx, -1))
+            return int(llama_cpp.llama_sampler_sample(self.ptr, ctx, row))
         self._all["logit"] = logits
         self._all["p"] = 0.0
         arr = self._array(self._all)
@@ -358,18 +384,20 @@ class Backend:
 
     def __init__(self, model_path: str, *, n_ctx: int = 2048, n_threads: int | None = None,
                  n_batch: int = 512, n_gpu_layers: int = 0, use_mmap: bool = True,
-                 use_mlock: bool = False, flash_attn: bool = False, verbose: bool = False):
+                 use_mlock: bool = False, flash_attn: bool = False, verbose: bool = False,
+                 n_seq_max: int = 1):
         threads = n_threads or max(1, (os.cpu_count() or 2))
         if verbose and not _verbosity:
             set_log_verbosity(1)
         _last_errors.clear()
         doing(f"loading the base model {model_path}")
         try:
-            self.llm = llama_cpp.Llama(
-                model_path=str(model_path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
-                n_threads=threads, n_threads_batch=threads, n_gpu_layers=n_gpu_layers,
-                use_mmap=use_mmap, use_mlock=use_mlock, flash_attn=flash_attn, verbose=verbose,
-            )
+            with _context_defaults(n_seq_max=n_seq_max, kv_unified=True) if n_seq_max > 1 else contextlib.nullcontext():
+                self.llm = llama_cpp.Llama(
+                    model_path=str(model_path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
+                    n_threads=threads, n_threads_batch=threads, n_gpu_layers=n_gpu_layers,
+                    use_mmap=use_mmap, use_mlock=use_mlock, flash_attn=flash_attn, verbose=verbose,
+                )
         except (ValueError, RuntimeError, OSError) as e:
             why = last_llama_error()
             raise ModelError(f"llama.cpp could not load {model_path}: {why or e}",
@@ -378,6 +406,8 @@ class Backend:
         self.ctx = self.llm._ctx.ctx
         self.vocab = self.llm._model.vocab
         self.n_ctx = int(llama_cpp.llama_n_ctx(self.ctx))
+        self.n_seq_max = int(llama_cpp.llama_n_seq_max(self.ctx))
+        self._batch = None   # a reusable llama_batch for multi-sequence decodes, made on first use
         self.n_batch = n_batch
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
         self.n_threads = threads
@@ -450,6 +480,35 @@ class Backend:
         if rc != 0:
             raise InputError(f"llama_decode failed (code {rc})", "the context is full; use a larger --ctx")
 
+    def decode_seqs(self, tokens: Sequence[int], pos: Sequence[int], seqs: Sequence[int],
+                    want: Sequence[bool]) -> None:
+        """One llama_decode of tokens for several sequences (at most n_batch): token i goes to
+        sequence seqs[i] at position pos[i]; rows with want[i] keep logits (`logits_at(i)`)."""
+        n = len(tokens)
+        if not 0 < n <= self.n_batch:
+            raise ValueError(f"decode_seqs takes 1..{self.n_batch} tokens, got {n}")
+        if self._batch is None:
+            self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        batch = self._batch
+        for i in range(n):
+            batch.token[i] = tokens[i]
+            batch.pos[i] = pos[i]
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = seqs[i]
+            batch.logits[i] = 1 if want[i] else 0
+        batch.n_tokens = n
+        doing("generating answers in a batch (the adapters in use, the grammars or the sampling values may be at fault)")
+        rc = llama_cpp.llama_decode(self.ctx, batch)
+        if rc != 0:
+            raise InputError(f"llama_decode failed (code {rc})", "the batch does not fit the context; use a larger --ctx")
+
+    def logits_at(self, i: int) -> np.ndarray:
+        """Logits of row i of the last decode (a view, valid until the next decode)."""
+        address = _logits_address(self.ctx, i)
+        if not address:
+            raise RuntimeError(f"llama.cpp returned no logits for batch row {i}")
+        return np.frombuffer((ctypes.c_float * self.n_vocab).from_address(address), dtype=np.float32)
+
     def sampler(self, s: Sampling) -> Sampler:
         return Sampler(self.vocab, s, self.n_vocab)
 
@@ -504,6 +563,14 @@ class Backend:
             _memory_clear(_get_memory(self.ctx), False)  # mark cells free; zeroing 40+ MB costs ms
         else:
             _kv_clear(self.ctx)
+
+    def memory_seq_copy(self, src: int, dst: int) -> None:
+        """Let sequence dst share all of sequence src's cells (no K/V is computed or copied)."""
+        llama_cpp.llama_memory_seq_cp(_get_memory(self.ctx), src, dst, -1, -1)
+
+    def memory_seq_drop(self, seq: int, keep: int = 0) -> bool:
+        """Drop positions >= keep from sequence seq."""
+        return bool(_memory_seq_rm(_get_memory(self.ctx), seq, keep, -1))
 
     def memory_truncate(self, keep: int) -> bool:
         """Drop positions >= keep from sequence 0; False if the memory cannot do that."""
@@ -566,6 +633,9 @@ class Backend:
         return int(llama_cpp.llama_model_size(self.model))
 
     def close(self) -> None:
+        batch, self._batch = getattr(self, "_batch", None), None
+        if batch is not None:
+            llama_cpp.llama_batch_free(batch)
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
             llm.close()

@@ -29,7 +29,7 @@ from .errors import AdapterError, InputError
 from .generation import Generation, Stats, Stream
 from .gguf_info import AdapterInfo, BaseInfo, base_info, inspect_adapter
 from .models import BaseModel, Progress, resolve_base
-from .prompt_cache import MIN_REUSE, AdapterSetKey, PromptCache
+from .prompt_cache import MIN_REUSE, AdapterSetKey, PromptCache, common_prefix
 from .registry import find
 from .tasks import TaskSpec
 
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _UNSET: Any = object()
+_SAMPLING = {"temperature", "top_p", "top_k", "min_p", "seed", "grammar"}
 
 
 @dataclass
@@ -65,11 +66,15 @@ class Engine:
                  n_threads: int | None = None, n_batch: int = 512, n_gpu_layers: int = 0,
                  use_mmap: bool = True, use_mlock: bool = False, memory_budget_mb: float | None = None,
                  adapter_dirs: Sequence[str | os.PathLike] = (), progress: Progress | None = None,
-                 flash_attn: bool = False, verbose: bool | None = None, prompt_cache_mb: float = 32.0):
+                 flash_attn: bool = False, verbose: bool | None = None, prompt_cache_mb: float = 32.0,
+                 n_seq_max: int = 8):
         if isinstance(prompt_cache_mb, bool) or not isinstance(prompt_cache_mb, numbers.Real) \
                 or not 0 <= prompt_cache_mb <= 1e6:
             raise InputError(f"prompt cache budget must be between 0 and 1000000 MB, got {prompt_cache_mb!r}",
                              "pass --prompt-cache-mb 0 to turn the cache off, or a budget in MB such as 32")
+        if isinstance(n_seq_max, bool) or not isinstance(n_seq_max, numbers.Integral) or not 1 <= n_seq_max <= 64:
+            raise InputError(f"n_seq_max must be a whole number from 1 to 64, got {n_seq_max!r}",
+                             "it is how many answers one batch decodes together; 8 is the default")
         if verbose is None:
             verbose = bool(os.environ.get("EDGEFT_VERBOSE"))
         self.base: BaseModel = resolve_base(base, progress=progress)
@@ -77,7 +82,7 @@ class Engine:
         t0 = time.perf_counter()
         self._b = _llama.Backend(str(self.base.path), n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch,
                                  n_gpu_layers=n_gpu_layers, use_mmap=use_mmap, use_mlock=use_mlock,
-                                 flash_attn=flash_attn, verbose=verbose)
+                                 flash_attn=flash_attn, verbose=verbose, n_seq_max=int(n_seq_max))
         self.flash_attn = flash_attn
         self.load_ms = (time.perf_counter() - t0) * 1e3
         self.memory_budget_mb = memory_budget_mb
@@ -102,6 +107,11 @@ class Engine:
     @property
     def n_threads(self) -> int:
         return self._b.n_threads
+
+    @property
+    def n_seq_max(self) -> int:
+        """How many answers `run_many` decodes together."""
+        return self._b.n_seq_max
 
     @property
     def adapters(self) -> dict[str, LoadedAdapter]:
@@ -375,6 +385,109 @@ class Engine:
         set_value(res)
         return res
 
+    def run_many(self, texts: Sequence[str], *, adapter: AdapterSpec = _UNSET, shots: int = 0,
+                 system: str | None | bool = True, task: TaskSpec | None = None,
+                 cancel: threading.Event | None = None, **gen: Any) -> list[Generation]:
+        """`run` for many inputs under one adapter set, up to n_seq_max answers decoded together
+        per llama_decode (edgeft/batching.py): for bulk jobs. Answers come back in input order."""
+        texts = list(texts)
+        for t in texts:
+            if not isinstance(t, str) or not t.strip():
+                raise InputError("empty input in the batch", "every input needs some text")
+        gen = {k: v for k, v in gen.items() if v is not None}
+        if task is None:
+            task = self.task_for(adapter)
+        opts = dict(gen)
+        if task is not None:
+            opts = {"max_tokens": task.max_tokens, "temperature": task.temperature, "stop": task.stop,
+                    "grammar": task.output.grammar(), **gen}
+            prompts = [self.chat_prompt(task.messages(t, system=system, shots=shots)) for t in texts]
+        else:
+            prompts = [self.chat_prompt([{"role": "user", "content": t}]) for t in texts]
+        max_tokens = opts.pop("max_tokens", 256)
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral) or max_tokens < 0:
+            raise InputError(f"max_tokens must be a whole number >= 0, got {max_tokens!r}")
+        stop = list(opts.pop("stop", None) or [])
+        sampling = _llama.Sampling(**{k: v for k, v in opts.items() if k in _SAMPLING})
+        unknown = set(opts) - _SAMPLING
+        if unknown:
+            raise InputError(f"unknown option(s) for run_many: {', '.join(sorted(unknown))}")
+        results = self._generate_many(prompts, adapter, sampling, int(max_tokens), stop,
+                                      cancel if cancel is not None else threading.Event())
+        if task is not None:
+            for r in results:
+                try:
+                    r.value = task.output.parse(r.text)
+                except InputError:
+                    r.value = None
+        return results
+
+    def _generate_many(self, prompts: list[str], adapter: AdapterSpec, sampling: _llama.Sampling,
+                       max_tokens: int, stop: list[str], cancel: threading.Event) -> list[Generation]:
+        from .batching import BatchItem, common_prefix_all, decode_batch
+
+        with self._lock:
+            selection = self._selected if adapter is _UNSET else self._resolve(adapter)
+            toks = [self._b.tokenize(p, add_special=True, parse_special=True) for p in prompts]
+            for t in toks:
+                if len(t) >= self.n_ctx:
+                    raise InputError(f"a prompt has {len(t)} tokens; the context holds {self.n_ctx}",
+                                     "shorten the input or raise --ctx")
+            self._apply(selection)
+            out: list[Generation] = []
+            for group in _groups(toks, max_tokens, self._b.n_seq_max, self.n_ctx):
+                items = [BatchItem(toks[i], self._b.sampler(sampling), max(0, min(max_tokens, self.n_ctx - len(toks[i]))), stop)
+                         for i in group]
+                try:
+                    if len(items) == 1:   # alone: the exact single-request path
+                        sink: list[Generation] = []
+                        for _ in self._loop(items[0].tokens, items[0].sampler, items[0].max_tokens, stop,
+                                            dict(selection), sink, cancel):
+                            pass
+                        out.extend(sink)
+                        continue
+                    p = common_prefix_all([it.tokens for it in items])
+                    p = min(p, min(len(it.tokens) for it in items) - 2)
+                    reused = self._place_prefix(items[0].tokens[:p] if p >= MIN_REUSE else [])
+                    p = len(self._kv_tokens)
+                    out.extend(decode_batch(self._b, items, p, selection, cancel, reused))
+                    for i in range(1, len(items)):
+                        self._b.memory_seq_drop(i)
+                    if not self._b.memory_seq_drop(0, p):
+                        self._invalidate_kv()
+                except BaseException:
+                    self._invalidate_kv()
+                    raise
+                finally:
+                    for it in items:
+                        it.sampler.close()
+            return out
+
+    def _place_prefix(self, prefix: list[int]) -> int:
+        """Put `prefix` (K/V from a batched decode) in sequence 0 and nothing else in memory:
+        reused from memory, restored from the prompt cache, or prefilled; returns the tokens
+        that were not computed again."""
+        keep = min(common_prefix(self._kv_tokens, prefix), self._kv_batched)
+        if len(prefix) - keep == 1:
+            keep -= 1                     # never decode a single token: batch-of-1 kernels round otherwise
+        if keep <= 0 or not self._b.memory_truncate(keep):
+            self._b.memory_clear()
+            keep = 0
+        if prefix and self.prompt_cache.enabled and len(prefix) >= keep + MIN_REUSE:
+            restored = self._restore_prompt(prefix, len(prefix), keep)
+            if restored is not None:
+                keep = restored
+                if len(prefix) - keep == 1 and not self._b.memory_truncate(keep - 1):
+                    self._b.memory_clear()
+                    keep = 0
+                elif len(prefix) - keep == 1:
+                    keep -= 1
+        self._kv_tokens, self._kv_batched = prefix[:keep], keep
+        if len(prefix) > keep:
+            self._b.decode(prefix[keep:])
+        self._kv_tokens, self._kv_batched = list(prefix), len(prefix)
+        return keep
+
     def logits(self, tokens: Sequence[int], *, adapter: AdapterSpec = _UNSET) -> "np.ndarray":
         """Next-token logits after every position of `tokens` (n_tokens x n_vocab), from an
         empty KV cache, under the selected (or given) adapter set. For parity checks and scoring."""
@@ -532,3 +645,19 @@ def _file_version(path: Path) -> tuple:
     except OSError:
         return (str(path),)
     return (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _groups(toks: list[list[int]], max_tokens: int, n_seq: int, n_ctx: int) -> Iterator[list[int]]:
+    """Consecutive requests, at most n_seq at a time, whose prompts and answers fit the context
+    together (counted without the shared prefix, so always enough room)."""
+    group: list[int] = []
+    cells = 0
+    for i, t in enumerate(toks):
+        need = len(t) + max(0, min(max_tokens, n_ctx - len(t)))
+        if group and (len(group) >= n_seq or cells + need > n_ctx):
+            yield group
+            group, cells = [], 0
+        group.append(i)
+        cells += need
+    if group:
+        yield group

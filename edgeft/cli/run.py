@@ -55,7 +55,7 @@ def run(
     top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling seed (with temperature > 0).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the answer and timings.")] = False,
-    jsonl: Annotated[bool, typer.Option("--jsonl", help="Read one request per stdin line: {\"text\": ..., \"adapter\": ...}; print one JSON result per line.")] = False,
+    jsonl: Annotated[bool, typer.Option("--jsonl", help="Read one request per stdin line: {\"text\": ..., \"adapter\": ...}; print one JSON result per line (waiting lines with the same adapter are answered in one batch).")] = False,
     task_card: Annotated[Optional[str], typer.Option("--task-card", help="Task card JSON (or a bundle's adapter.json) to answer under: gives a merged model or the bare base a task's prompt and output constraint.")] = None,
     ctx: Ctx = 2048,
     threads: Threads = None,
@@ -95,24 +95,9 @@ def run(
 
 
 def _run_jsonl(eng, default_adapters: dict, gen: dict) -> None:
-    n_err = 0
-    for lineno, line in enumerate(sys.stdin, 1):
-        if not line.strip():
-            continue
-        try:
-            req = json.loads(line)
-            if not isinstance(req, dict) or not isinstance(req.get("text"), str):
-                raise InputError('each line must be a JSON object with a "text" string')
-            spec = req.get("adapter", req.get("adapters", default_adapters))
-            opts = {**gen, **{k: req[k] for k in ("max_tokens", "temperature", "seed") if k in req}}
-            res = eng.run(req["text"], adapter=spec, **opts)
-            out = {"line": lineno, **({"id": req["id"]} if "id" in req else {}),
-                   **_result_json(res, dict(res.adapters))}
-        except (ValueError, EdgeftError) as e:
-            n_err += 1
-            msg = e.message if isinstance(e, EdgeftError) else f"invalid JSON: {e}"
-            out = {"line": lineno, "error": msg}
-        typer.echo(json.dumps(out, ensure_ascii=False))
+    from .jsonl import run_jsonl
+
+    n_err = run_jsonl(eng, default_adapters, gen, _result_json)
     if n_err:
         typer.echo(f"{n_err} line(s) failed", err=True)
         raise typer.Exit(1)
