@@ -404,16 +404,7 @@ class Engine:
             prompts = [self.chat_prompt(task.messages(t, system=system, shots=shots)) for t in texts]
         else:
             prompts = [self.chat_prompt([{"role": "user", "content": t}]) for t in texts]
-        max_tokens = opts.pop("max_tokens", 256)
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral) or max_tokens < 0:
-            raise InputError(f"max_tokens must be a whole number >= 0, got {max_tokens!r}")
-        stop = list(opts.pop("stop", None) or [])
-        sampling = _llama.Sampling(**{k: v for k, v in opts.items() if k in _SAMPLING})
-        unknown = set(opts) - _SAMPLING
-        if unknown:
-            raise InputError(f"unknown option(s) for run_many: {', '.join(sorted(unknown))}")
-        results = self._generate_many(prompts, adapter, sampling, int(max_tokens), stop,
-                                      cancel if cancel is not None else threading.Event())
+        results = self.complete_many(prompts, adapter=adapter, cancel=cancel, **opts)
         if task is not None:
             for r in results:
                 try:
@@ -421,6 +412,24 @@ class Engine:
                 except InputError:
                     r.value = None
         return results
+
+    def complete_many(self, prompts: Sequence[str], *, adapter: AdapterSpec = _UNSET, max_tokens: int = 256,
+                      stop: Sequence[str] = (), cancel: threading.Event | None = None, **sampling: Any) -> list[Generation]:
+        """`complete` for many raw prompts under one adapter set, decoded together (see run_many).
+        `sampling`: temperature, top_p, top_k, min_p, seed, grammar (one value for all)."""
+        prompts = list(prompts)
+        for p in prompts:
+            if not isinstance(p, str) or not p:
+                raise InputError("empty prompt in the batch", "every prompt needs some text")
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral) or max_tokens < 0:
+            raise InputError(f"max_tokens must be a whole number >= 0, got {max_tokens!r}")
+        unknown = set(sampling) - _SAMPLING
+        if unknown:
+            raise InputError(f"unknown option(s) for a batch: {', '.join(sorted(unknown))}")
+        if not prompts:
+            return []
+        return self._generate_many(prompts, adapter, _llama.Sampling(**sampling), int(max_tokens), list(stop or []),
+                                   cancel if cancel is not None else threading.Event())
 
     def _generate_many(self, prompts: list[str], adapter: AdapterSpec, sampling: _llama.Sampling,
                        max_tokens: int, stop: list[str], cancel: threading.Event) -> list[Generation]:

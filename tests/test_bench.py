@@ -114,7 +114,7 @@ def test_evaluate_targets_handles_missing_values():
     assert by["swapms"]["met"] is True
     assert by["reload-per-switchx"]["met"] is False
     assert all(r["met"] is None for r in rows if r["value"] is None)
-    assert len(rows) == 8
+    assert len(rows) == 9
 
 
 def test_memory_bandwidth_positive():
@@ -206,7 +206,12 @@ def test_bench_quick_json(tmp_path, base_path):
     assert pc["alternating_cache_on"]["reused_tokens_mean"] > 20      # the system prompt, from the cache
     assert pc["same_cache_on"]["reused_tokens_mean"] > 20
     assert r["targets"][7]["value"] == pc["cache_off_over_on_alternating"]
-    assert len(r["targets"]) == 8
+    bt = r["batch"]
+    assert bt["requests"] == 16 and bt["n_seq_max"] == 8
+    _num(bt["tps_one_by_one"], 0, 10_000)
+    _num(bt["tps_batched"], 0, 10_000)
+    assert 0 <= bt["identical_answers"] <= 1 and r["targets"][8]["value"] == bt["batched_over_one_by_one"]
+    assert len(r["targets"]) == 9
     assert all(t["met"] in (True, False, None) for t in r["targets"])
     assert r["evictions"] is None and r["llama_bench"] is None  # laptop profile, no binary given
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

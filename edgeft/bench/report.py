@@ -35,6 +35,7 @@ def evaluate_targets(res: dict) -> list[dict]:
         ("TTFT alternating adapters / same adapter (prompt cache on)",
          g("prompt_cache", "alternating_over_same_cache_on"), "<=", 1.15, "x"),
         ("TTFT alternating adapters: cache off / on", g("prompt_cache", "cache_off_over_on_alternating"), ">=", 2.5, "x"),
+        ("bulk job: batched / one-by-one tok/s", g("batch", "batched_over_one_by_one"), ">=", 1.3, "x"),
     ]
     out = []
     for name, value, op, limit, unit in rows:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import InputError
+from .batch import batch_phase
 from .cache import prompt_cache_phase
 from .fixtures import merge_adapter, write_random_adapter
 from .llama_bench import _llama_bench_pairs, llama_bench_binary, run_llama_bench
@@ -93,6 +94,7 @@ def run_bench(base: str | None = None, adapters: Sequence[str] | None = None, *,
             if run.names[1:]:
                 a_sel, b_sel, _ = run.selections()
                 res["prompt_cache"] = prompt_cache_phase(run.eng, a_sel, b_sel, 3 if run.quick else 3 * run.reps, run.say)
+            res["batch"] = batch_phase(run.eng, run.selections()[0], 1 if run.quick else run.reps, run.say)
             merged = _merged_model(run)
             res.update(_decode(run, lb_bin, merged))
             res["merged"] = merged
