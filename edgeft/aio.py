@@ -47,6 +47,10 @@ class AsyncEngine:
     async def complete(self, prompt: str, **kw: Any) -> Generation:
         return await self._call(self.engine.complete, prompt, **kw)
 
+    async def run_many(self, texts: list[str], **kw: Any) -> list[Generation]:
+        """`Engine.run_many` (a bulk job, answers decoded together) without blocking the loop."""
+        return await self._call(self.engine.run_many, texts, **kw)
+
     def stream_run(self, text: str, **kw: Any) -> "AsyncStream":
         return AsyncStream(lambda: self.engine.run(text, stream=True, **kw))
 
@@ -56,7 +60,7 @@ class AsyncEngine:
     def stream_complete(self, prompt: str, **kw: Any) -> "AsyncStream":
         return AsyncStream(lambda: self.engine.complete(prompt, stream=True, **kw))
 
-    async def _call(self, fn: Callable[..., Generation], *args: Any, **kw: Any) -> Generation:
+    async def _call(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         """Run `fn` on a thread; cancelling the awaiting task cancels the answer too."""
         cancel = threading.Event()
         task = asyncio.ensure_future(asyncio.to_thread(fn, *args, cancel=cancel, **kw))

@@ -95,6 +95,17 @@ def test_run_many_refuses_bad_input_and_can_be_cancelled(tiny_engine):
     assert tiny_engine.run_many([]) == []
 
 
+def test_async_run_many_answers_as_the_sync_one(tiny_engine):
+    import asyncio
+
+    from edgeft import AsyncEngine
+
+    async def main():
+        return await AsyncEngine.wrap(tiny_engine).run_many(TEXTS[:4], task=CARD)
+
+    assert [g.text for g in asyncio.run(main())] == [g.text for g in tiny_engine.run_many(TEXTS[:4], task=CARD)]
+
+
 def test_engine_refuses_a_bad_n_seq_max(tiny_base):
     from edgeft import Engine
 
