@@ -44,3 +44,4 @@ def parse_adapter_spec(spec: AdapterSpec) -> dict[str, float]:
     return out
 
 
+UNSET: Any = object()   # "adapter= not given": the selected set (None means the bare base)

@@ -10,8 +10,7 @@ import threading
 
 import pytest
 
-from edgeft.batching import common_prefix_all
-from edgeft.engine import _groups
+from edgeft.batching import common_prefix_all, group_requests as _groups
 from edgeft.errors import InputError
 from edgeft.tasks import TaskSpec
 
