@@ -31,7 +31,7 @@ from edgeft.errors import ConversionError, EdgeftError
 from edgeft.files import atomic_dir
 from edgeft.gguf_header import read_header
 from edgeft.models import BaseModel, resolve_base
-from .export_files import CLIENT, RUN_HF, ExportInfo, export_manifest, launch_script, readme, vllm_rank
+from .export_files import CLIENT, RUN_HF, ExportInfo, compare_script, export_manifest, launch_script, readme, vllm_rank
 from .export_peft import ExportedAdapter, export_adapter
 from .names import BaseLayout
 from .problems import Problem
@@ -203,8 +203,9 @@ def export(out_dir: str | os.PathLike, *, to: str, adapters: str | Sequence[str]
             info.verify = verify_export(stage, base_model.path, bundles, n=verify, prompts=prompts, threads=threads,
                                         status=say)
         _write_files(stage, info)
-    with contextlib.suppress(OSError):   # atomic_dir gave every file a plain file's mode
-        (out / "launch.sh").chmod((out / "launch.sh").stat().st_mode | 0o111)
+    for script in ("launch.sh", "compare.sh"):
+        with contextlib.suppress(OSError):   # atomic_dir gave every file a plain file's mode
+            (out / script).chmod((out / script).stat().st_mode | 0o111)
     return ExportResult(out, info, done, time.perf_counter() - t0)
 
 
@@ -226,3 +227,5 @@ def _write_files(stage: Path, info: ExportInfo) -> None:
     (stage / "client.py").write_text(CLIENT)
     (stage / "run_hf.py").write_text(RUN_HF)
     (stage / EXPORT_FILE).write_text(export_manifest(info, {"edgeft_version": __version__}))
+    if info.verify and info.target in ("vllm", "lorax"):
+        (stage / "compare.sh").write_text(compare_script(info))

@@ -38,6 +38,28 @@ class ExportInfo:
     notes: list[str] = field(default_factory=list)
 
 
+def compare_script(info: ExportInfo) -> str:
+    """vllm / lorax exports with --verify: start the server, replay edgeft's answers, stop it
+    (for a GPU machine; edgeft's tests never need one)."""
+    port, engine = ("8000", "vllm") if info.target == "vllm" else ("8080", "lorax")
+    return f"""#!/usr/bin/env bash
+# Written by `edgeft export --verify`. On a machine that runs {info.target} (a GPU): starts the server
+# from this folder, sends edgeft's prompts (edgeft-answers.jsonl), counts identical answers, stops it.
+set -euo pipefail
+cd "$(dirname "$0")"
+export PORT="${{PORT:-{port}}}"
+./launch.sh > server.log 2>&1 &
+pid=$!
+trap 'kill $pid 2>/dev/null || true' EXIT
+for _ in $(seq 1 900); do
+  python3 client.py --base-url "http://127.0.0.1:$PORT/v1" --list >/dev/null 2>&1 && break
+  kill -0 $pid 2>/dev/null || {{ echo "compare.sh: the server stopped; see server.log" >&2; exit 1; }}
+  sleep 1
+done
+python3 client.py --engine {engine} --base-url "http://127.0.0.1:$PORT/v1" --compare edgeft-answers.jsonl
+"""
+
+
 def launch_script(info: ExportInfo) -> str:
     """A bash script that starts the target's server on this export (run from anywhere)."""
     head = "#!/usr/bin/env bash\n# Written by `edgeft export`. Serves the dequantized base and its LoRA adapters.\n" \
@@ -120,7 +142,10 @@ def readme(info: ExportInfo) -> str:
     if info.notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in info.notes] + [""]
     if info.verify:
-        lines += ["## Agreement with edgeft (measured at export)", "", "```", format_verify(info.verify), "```", ""]
+        lines += ["## Agreement with edgeft (measured at export)", "", "```", format_verify(info.verify), "```", "",
+                  "`edgeft-answers.jsonl` holds edgeft's greedy answer to each of these prompts. With the server "
+                  "running (a GPU machine for vLLM / LoRAX), `python3 client.py --base-url URL --compare "
+                  "edgeft-answers.jsonl` sends the same requests and counts the identical answers per adapter.", ""]
     return "\n".join(lines)
 
 
@@ -181,6 +206,7 @@ CLIENT = '''#!/usr/bin/env python3
   python3 client.py --base-url http://127.0.0.1:8000/v1 --adapter sentiment "Shares of Acme jumped 12%"
   python3 client.py --base-url URL --list
   python3 client.py --engine lorax --base-url http://127.0.0.1:8080/v1 --adapter sentiment "..."
+  python3 client.py --base-url URL --compare edgeft-answers.jsonl   # the server's answers vs edgeft's
 """
 import argparse, json, os, sys, urllib.request
 
@@ -232,6 +258,41 @@ def call(base_url, path, body=None, api_key=None, timeout=300):
         return json.loads(r.read())
 
 
+def same_answer(a, b):
+    """Identical text, or for JSON answers the same value (servers may space JSON differently)."""
+    if a.strip() == b.strip():
+        return True
+    try:
+        got = json.loads(a)
+    except ValueError:
+        return False
+    if isinstance(got, str) and got.strip() == b.strip():   # a label sent back as a JSON string (LoRAX)
+        return True
+    try:
+        return got == json.loads(b)
+    except ValueError:
+        return False
+
+
+def compare(base_url, path, engine, api_key=None):
+    """Send every prompt of edgeft-answers.jsonl (written by `edgeft export --verify N`) and count
+    the answers identical to edgeft's greedy ones, per adapter."""
+    counts = {}
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    for row in rows:
+        if not isinstance(row["input"], str):
+            continue   # multi-turn rows: the card template applies to the last turn only
+        body = build_request(card(row["adapter"]), row["input"], engine)
+        got = call(base_url, "/chat/completions", body, api_key)["choices"][0]["message"]["content"]
+        c = counts.setdefault(row["adapter"], [0, 0])
+        c[0] += same_answer(got, row["edgeft"])
+        c[1] += 1
+    for name, (same, n) in counts.items():
+        print(f"{name:16} {same}/{n} identical to edgeft ({100.0 * same / max(n, 1):.1f}%)")
+    return counts
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base-url", default=os.environ.get("OPENAI_BASE_URL", "http://127.0.0.1:8000/v1"))
@@ -239,12 +300,16 @@ def main(argv=None):
     ap.add_argument("--engine", choices=("vllm", "vllm-legacy", "lorax", "edgeft"), default="vllm")
     ap.add_argument("--adapter")
     ap.add_argument("--list", action="store_true", help="GET /v1/models")
+    ap.add_argument("--compare", metavar="JSONL", help="edgeft's answers (edgeft-answers.jsonl): ask the server the same")
     ap.add_argument("--json", action="store_true", help="print the request and the answer as JSON")
     ap.add_argument("text", nargs="*")
     a = ap.parse_args(argv)
     if a.list:
         for m in call(a.base_url, "/models", api_key=a.api_key)["data"]:
             print(m["id"])
+        return 0
+    if a.compare:
+        compare(a.base_url, a.compare, a.engine, a.api_key)
         return 0
     if not a.adapter or not a.text:
         ap.error("give --adapter NAME and the text (or --list)")

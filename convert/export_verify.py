@@ -14,6 +14,7 @@ llama.cpp's quantized arithmetic against the dequantized weights.
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import os
 import re
@@ -30,6 +31,7 @@ from .verify import CHAT_PROMPTS, compare
 
 log = logging.getLogger(__name__)
 
+ANSWERS_FILE = "edgeft-answers.jsonl"
 LABEL_TARGET = 0.95
 FLOOR_PROMPTS = 8
 SHOWN_DIFFS = 3
@@ -178,7 +180,7 @@ def _verify_adapter(eng, model, tok, bundle: AdapterBundle, inputs: list) -> dic
     tb = TokenBytes(tok)
     mask = _LabelMask(tb, task.output.labels or [], eos) if labels else None
     grammar = task.output.grammar() if labels else None
-    acc, same, same_ids, diffs = _Acc(), 0, 0, []
+    acc, same, same_ids, diffs, answers = _Acc(), 0, 0, [], []
     for x in inputs:
         msgs = task.conversation(x) if isinstance(x, list) else task.messages(x)
         e_ids = eng.tokenize(eng.chat_prompt(msgs))
@@ -189,6 +191,9 @@ def _verify_adapter(eng, model, tok, bundle: AdapterBundle, inputs: list) -> dic
                          grammar=grammar).text.strip()
         h_out, h_ans, h_logits = _greedy(model, tb, h_ids, task, eos, mask)
         h_ans = h_ans.strip()
+        # what edgeft serves for the request (the card's constraint on): what a server should match
+        served = e_ans if labels or not isinstance(x, str) else eng.run(x, adapter=bundle.name).text.strip()
+        answers.append({"adapter": bundle.name, "input": x, "edgeft": served})
         if e_ans == h_ans:
             same += 1
         elif len(diffs) < SHOWN_DIFFS:
@@ -200,7 +205,8 @@ def _verify_adapter(eng, model, tok, bundle: AdapterBundle, inputs: list) -> dic
         acc.add(h_logits[:k], e_logits[:k])
     n = max(len(inputs), 1)
     return {"kind": task.output.type, "n": len(inputs), "identical": same, "identical_rate": round(same / n, 4),
-            "prompt_tokens_identical_rate": round(same_ids / n, 4), **acc.result(), "differences": diffs}
+            "prompt_tokens_identical_rate": round(same_ids / n, 4), **acc.result(), "differences": diffs,
+            "answers": answers}
 
 
 def _floor(eng, model, tok, inputs: list) -> dict:
@@ -249,6 +255,11 @@ def verify_export(folder: str | os.PathLike, base_gguf: str | os.PathLike, bundl
             model.set_adapter(b.name)
             report["adapters"][b.name] = {**_verify_adapter(eng, model, tok, b, list(inputs)[:n]), "prompts": where}
         report["base"] = _floor(eng, model, tok, floor_inputs or CHAT_PROMPTS)
+    # edgeft's own answers beside the export: `client.py --compare edgeft-answers.jsonl` checks a
+    # running vLLM / LoRAX against them (on a GPU machine, where those engines run)
+    rows = [row for a in report["adapters"].values() for row in a.pop("answers")]
+    (folder / ANSWERS_FILE).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    report["answers_file"] = ANSWERS_FILE
     lab = [a for a in report["adapters"].values() if a["kind"] == "labels"]
     report["label_identical_rate"] = round(sum(a["identical"] for a in lab) / sum(a["n"] for a in lab), 4) if lab else None
     report["ok"] = all(a["identical_rate"] >= target for a in lab)

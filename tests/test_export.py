@@ -328,6 +328,34 @@ def test_client_sends_vllm_lora_requests_and_edgeft_serve_answers_them(world, ex
     assert answers["senti"] in LABELS
 
 
+def test_client_compare_replays_edgefts_answers_against_a_server(exported, serve):
+    """`edgeft export --verify` leaves edgeft's answers beside the export; client.py --compare asks
+    a running server the same requests (on a GPU machine: vLLM) and counts identical answers. Against
+    edgeft serve on the same base, every answer must be identical."""
+    rows = [json.loads(x) for x in (exported.folder / "edgeft-answers.jsonl").read_text().splitlines()]
+    assert {r["adapter"] for r in rows} == set(CARDS) and len(rows) == len(CARDS) * len(PROMPTS)
+    r = subprocess.run([sys.executable, str(exported.folder / "client.py"), "--base-url", serve + "/v1",
+                        "--compare", str(exported.folder / "edgeft-answers.jsonl")],
+                       capture_output=True, text=True, timeout=300, check=True)
+    for name in CARDS:
+        assert f"{name:16} {len(PROMPTS)}/{len(PROMPTS)} identical to edgeft (100.0%)" in r.stdout, r.stdout
+    bad = exported.folder.parent / "wrong-answers.jsonl"
+    bad.write_text("".join(json.dumps({**x, "edgeft": x["edgeft"] + " not it"}) + "\n" for x in rows))
+    r = subprocess.run([sys.executable, str(exported.folder / "client.py"), "--base-url", serve + "/v1",
+                        "--compare", str(bad)], capture_output=True, text=True, timeout=300, check=True)
+    assert f"0/{len(PROMPTS)} identical" in r.stdout
+
+
+def test_compare_script_for_gpu_machines_is_valid_bash():
+    from edgeft.convert.export_files import ExportInfo, compare_script
+
+    for target, port in (("vllm", "8000"), ("lorax", "8080")):
+        script = compare_script(ExportInfo(target, "b", "0" * 64, "b.gguf", "bf16", [], None, 16))
+        assert f"PORT:-{port}" in script and "--compare edgeft-answers.jsonl" in script
+        assert f"--engine {target}" in script
+        assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+
+
 def test_client_request_shapes_for_each_engine(exported):
     """client.py's mapping of a card onto a request, per engine (no server needed)."""
     import runpy

@@ -32,15 +32,15 @@ def export(
     from ..convert.export_files import format_verify
     from ..files import write_text_atomic
 
-    res = run_export(out_dir, to=to, adapters=",".join(adapters) if adapters else "all", dtype=dtype, base=base, adapter_dirs=adapter_dir or [],
-                     force=force, verify=verify, threads=threads, status=lambda m: typer.echo(m, err=True))
+    res = run_export(out_dir, to=to, adapters=",".join(adapters) if adapters else "all", dtype=dtype, base=base,
+                     adapter_dirs=adapter_dir or [], force=force, verify=verify, threads=threads, status=lambda m: typer.echo(m, err=True))
     info = res.info
     typer.echo(f"{res.folder}: {info.target} export of {info.base_id} ({info.dtype}) with "
                f"{len(res.adapters)} adapter(s), max rank {max(a.rank for a in res.adapters)}, {res.seconds:.0f} s")
     typer.echo(f"  start: {res.folder / 'launch.sh'}   requests: {res.folder / 'client.py'}   details: {res.folder / 'README.md'}")
     if report is not None:
         write_text_atomic(report, json.dumps({"folder": str(res.folder), "target": info.target, "base": info.base_id,
-                                              "dtype": info.dtype, "adapters": [a.__dict__ | {"folder": str(a.folder)}
+                                              "dtype": info.dtype, "adapters": [a.__dict__ | {"folder": str(res.folder / "adapters" / a.folder.name)}
                                                                                 for a in res.adapters],
                                               "verify": info.verify}, indent=2, default=str) + "\n")
     if info.verify is not None:
