@@ -21,6 +21,23 @@ def _fmt(v, unit: str = "", nd: int = 1) -> str:
     return f"{s} {unit}".strip()
 
 
+def _serving_rows(res: dict) -> list[tuple[str, str, str]]:
+    """The prompt cache and bulk-job rows (absent from older reports)."""
+    rows = []
+    pc, bt = res.get("prompt_cache"), res.get("batch")
+    if pc:
+        rows.append(("TTFT after a swap: cache off / on",
+                     f"{_fmt(pc['alternating_cache_off']['ttft_ms']['p50'], 'ms')} / "
+                     f"{_fmt(pc['alternating_cache_on']['ttft_ms']['p50'], 'ms')}",
+                     f"same adapter, cache on: {_fmt(pc['same_cache_on']['ttft_ms']['p50'], 'ms')}; "
+                     f"{pc['prompt_tokens']}-token task prompts, adapters alternating"))
+    if bt:
+        rows.append(("bulk job: one by one / batched", f"{_fmt(bt['tps_one_by_one'])} / {_fmt(bt['tps_batched'])} tok/s",
+                     f"{bt['requests']} answers of {bt['answer_tokens']} tokens, {bt['n_seq_max']} per batch; "
+                     f"{_fmt(100 * (bt['identical_answers'] or 0), '%', 0)} identical"))
+    return rows
+
+
 def _table(res: dict):
     from rich.table import Table
 
@@ -62,17 +79,7 @@ def _table(res: dict):
          f"{_fmt(res['bandwidth_gbs'], 'GB/s')} copy bandwidth; edgeft at "
          f"{_fmt(res['decode_bound']['fraction']['base'], '', 2)} of it"),
     ]
-    pc, bt = res.get("prompt_cache"), res.get("batch")
-    if pc:
-        rows.append(("TTFT after a swap: cache off / on",
-                     f"{_fmt(pc['alternating_cache_off']['ttft_ms']['p50'], 'ms')} / "
-                     f"{_fmt(pc['alternating_cache_on']['ttft_ms']['p50'], 'ms')}",
-                     f"same adapter, cache on: {_fmt(pc['same_cache_on']['ttft_ms']['p50'], 'ms')}; "
-                     f"{pc['prompt_tokens']}-token task prompts, adapters alternating"))
-    if bt:
-        rows.append(("bulk job: one by one / batched", f"{_fmt(bt['tps_one_by_one'])} / {_fmt(bt['tps_batched'])} tok/s",
-                     f"{bt['requests']} answers of {bt['answer_tokens']} tokens, {bt['n_seq_max']} per batch; "
-                     f"{_fmt(100 * (bt['identical_answers'] or 0), '%', 0)} identical"))
+    rows += _serving_rows(res)
     sweep = res.get("decode_sweep")
     if sweep:
         def all7(rows):
