@@ -578,9 +578,12 @@ class Backend:
             return bool(_memory_seq_rm(_get_memory(self.ctx), 0, keep, -1))
         return bool(_kv_seq_rm(self.ctx, 0, keep, -1))
 
-    def state_save(self) -> bytearray:
-        """Sequence 0's KV state (cells, positions, K and V) as bytes: llama_state_seq_get_data."""
+    def state_save(self, limit: int | None = None) -> bytearray | None:
+        """Sequence 0's KV state (cells, positions, K and V) as bytes: llama_state_seq_get_data;
+        None, without copying, when it is larger than `limit` bytes."""
         n = int(llama_cpp.llama_state_seq_get_size(self.ctx, 0))
+        if limit is not None and n > limit:
+            return None
         buf = bytearray(n)
         if n:
             got = int(llama_cpp.llama_state_seq_get_data(self.ctx, (ctypes.c_uint8 * n).from_buffer(buf), n, 0))

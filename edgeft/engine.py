@@ -33,7 +33,7 @@ from .batching import BatchMethods
 from .generation import Generation, Stats, Stream
 from .gguf_info import AdapterInfo, BaseInfo, base_info, inspect_adapter
 from .models import BaseModel, Progress, resolve_base
-from .prompt_cache import MIN_REUSE, AdapterSetKey, PromptCache
+from .prompt_cache import MIN_REUSE, AdapterSetKey, PromptCache, common_prefix
 from .registry import find
 from .tasks import TaskSpec
 
@@ -162,28 +162,26 @@ class Engine(BatchMethods):
                 f"adapter '{name}' was made for base {bundle.card.base.get('id', '?')} "
                 f"(sha256 {card_sha[:12]}...), not the loaded {self.base.id} ({self.base.sha256[:12]}...)",
                 "load the base it belongs to, or pass --force to load it anyway")
-        info = self._inspect(bundle.gguf_path)
+        version = _file_version(bundle.gguf_path)
+        info = self._inspect(bundle.gguf_path, version)
         self._make_room(info.nbytes / 1e6, keep=set(keep) | set(self._selected) | {n for n, _ in self._applied})
         t0 = time.perf_counter()
         handle = self._b.adapter_load(str(bundle.gguf_path))
         la = LoadedAdapter(name, bundle, info, handle, (time.perf_counter() - t0) * 1e3, time.monotonic(),
-                           version=_file_version(bundle.gguf_path))
+                           version=version)
         self._adapters[name] = la
         self._known[name] = bundle
         return name
 
-    def _inspect(self, path: Path) -> AdapterInfo:
-        """inspect_adapter, remembered per file version: reloading an evicted adapter skips the
-        full read and NaN scan (most of a reload's time) unless the file changed since."""
-        try:
-            st = path.stat()
-        except OSError:
-            return inspect_adapter(path, self.info)  # raises the clear "not found" error
-        key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
-        info = self._inspected.get(key)
+    def _inspect(self, path: Path, version: tuple) -> AdapterInfo:
+        """inspect_adapter, remembered per file version (`_file_version`): reloading an evicted
+        adapter skips the full read and NaN scan (most of a reload's time) unless the file changed."""
+        if len(version) == 1:
+            return inspect_adapter(path, self.info)  # no stat: raises the clear "not found" error
+        info = self._inspected.get(version)
         if info is None:
             info = inspect_adapter(path, self.info)
-            self._inspected[key] = info
+            self._inspected[version] = info
         return info
 
     def _make_room(self, need_mb: float, keep: set[str]) -> None:
@@ -268,7 +266,9 @@ class Engine(BatchMethods):
             return
         if n < len(self._kv_tokens) and not self._b.memory_truncate(n):
             return
-        self.prompt_cache.put(self._applied_key, self._kv_tokens[:n], self._b.state_save())
+        state = self._b.state_save(self.prompt_cache.budget_bytes)   # too large for the cache: no copy
+        if state is not None:
+            self.prompt_cache.put(self._applied_key, self._kv_tokens[:n], state)
 
     def _restore_prompt(self, tokens: list[int], usable: int, have: int) -> int | None:
         """Restore this adapter set's cached prompt sharing the longest prefix with `tokens` when
@@ -431,11 +431,7 @@ class Engine(BatchMethods):
               selection: dict[str, float], sink: list, cancel: threading.Event) -> Iterator[str]:
         b = self._b
         t0 = time.perf_counter()
-        common = 0
-        for x, y in zip(self._kv_tokens, tokens):
-            if x != y:
-                break
-            common += 1
+        common = common_prefix(self._kv_tokens, tokens)
         # Reuse only K/V that a fresh decode would compute bit for bit: llama.cpp's batch-of-1
         # kernels round differently from its batched ones, so (a) generated tokens, decoded one
         # at a time, are never reused, and (b) the new suffix is never a single token.
