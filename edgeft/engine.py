@@ -69,14 +69,14 @@ class Engine(BatchMethods):
                  use_mmap: bool = True, use_mlock: bool = False, memory_budget_mb: float | None = None,
                  adapter_dirs: Sequence[str | os.PathLike] = (), progress: Progress | None = None,
                  flash_attn: bool = False, verbose: bool | None = None, prompt_cache_mb: float = 32.0,
-                 n_seq_max: int = 8):
+                 parallel: int = 8):
         if isinstance(prompt_cache_mb, bool) or not isinstance(prompt_cache_mb, numbers.Real) \
                 or not 0 <= prompt_cache_mb <= 1e6:
             raise InputError(f"prompt cache budget must be between 0 and 1000000 MB, got {prompt_cache_mb!r}",
                              "pass --prompt-cache-mb 0 to turn the cache off, or a budget in MB such as 32")
-        if isinstance(n_seq_max, bool) or not isinstance(n_seq_max, numbers.Integral) or not 1 <= n_seq_max <= 64:
-            raise InputError(f"n_seq_max must be a whole number from 1 to 64, got {n_seq_max!r}",
-                             "it is how many answers one batch decodes together; 8 is the default")
+        if isinstance(parallel, bool) or not isinstance(parallel, numbers.Integral) or not 0 <= parallel <= 63:
+            raise InputError(f"parallel must be a whole number from 0 to 63, got {parallel!r}",
+                             "it is how many answers one batch decodes together; 8 is the default, 0 turns batching off")
         if verbose is None:
             verbose = bool(os.environ.get("EDGEFT_VERBOSE"))
         self.base: BaseModel = resolve_base(base, progress=progress)
@@ -84,7 +84,8 @@ class Engine(BatchMethods):
         t0 = time.perf_counter()
         self._b = _llama.Backend(str(self.base.path), n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch,
                                  n_gpu_layers=n_gpu_layers, use_mmap=use_mmap, use_mlock=use_mlock,
-                                 flash_attn=flash_attn, verbose=verbose, n_seq_max=int(n_seq_max))
+                                 flash_attn=flash_attn, verbose=verbose,
+                                 n_seq_max=int(parallel) + 1 if parallel else 1)
         self.flash_attn = flash_attn
         self.load_ms = (time.perf_counter() - t0) * 1e3
         self.memory_budget_mb = memory_budget_mb
@@ -112,8 +113,13 @@ class Engine(BatchMethods):
 
     @property
     def n_seq_max(self) -> int:
-        """How many answers `run_many` decodes together."""
+        """llama.cpp sequences in the context: `parallel` answers plus one for the shared prefix."""
         return self._b.n_seq_max
+
+    @property
+    def parallel(self) -> int:
+        """How many answers a batch (`batch`, `run_many`, the server) decodes together."""
+        return max(0, self._b.n_seq_max - 1)
 
     @property
     def adapters(self) -> dict[str, LoadedAdapter]:
@@ -300,13 +306,11 @@ class Engine(BatchMethods):
             return self._b.tokenize(text, add_special=True, parse_special=special)
 
     def chat_prompt(self, messages: list[dict]) -> str:
-        if not messages:
-            raise InputError("no messages", "send at least one message")
-        for m in messages:
-            if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise InputError("each message needs a string 'role' and a string 'content'")
+        """The prompt text the base's chat template makes of `messages`."""
+        if isinstance(messages, Sequence) and not isinstance(messages, str):
+            messages = [dict(m) if isinstance(m, Mapping) else m for m in messages]
         with self._lock:
-            return self._b.apply_chat_template(list(messages))
+            return self._b.apply_chat_template(messages)
 
     @overload
     def chat(self, messages: list[dict], *, adapter: AdapterSpec = ..., stream: Literal[False] = ...,

@@ -10,7 +10,6 @@ import threading
 
 import pytest
 
-from edgeft.batching import common_prefix_all, group_requests as _groups
 from edgeft.errors import InputError
 from edgeft.tasks import TaskSpec
 
@@ -18,15 +17,6 @@ LABELS = ["alpha", "beta", "gamma"]
 CARD = TaskSpec.from_dict({"system": "Pick a label.", "template": "{input}",
                            "output": {"type": "labels", "labels": LABELS}, "max_tokens": 12})
 TEXTS = [f"request number {i}: " + "x" * (i % 5) for i in range(11)]
-
-
-def test_common_prefix_and_groups():
-    assert common_prefix_all([[1, 2, 3], [1, 2, 4], [1, 2]]) == 2
-    assert common_prefix_all([[5]]) == 1 and common_prefix_all([]) == 0
-    # at most n_seq per group, and prompts + answers within the context
-    assert list(_groups([[0] * 10] * 5, 5, 2, 1000)) == [[0, 1], [2, 3], [4]]
-    assert list(_groups([[0] * 10] * 4, 20, 8, 61)) == [[0, 1], [2, 3]]
-    assert list(_groups([[0] * 10, [0] * 50], 5, 8, 60)) == [[0], [1]]
 
 
 def test_run_many_equals_run_one_by_one_on_the_tiny_base(tiny_engine, monkeypatch):
@@ -40,7 +30,7 @@ def test_run_many_equals_run_one_by_one_on_the_tiny_base(tiny_engine, monkeypatc
     # really batched: one decode per step carries several answers' tokens
     assert max(calls) >= 8 and len(calls) < sum(g.completion_tokens for g in many)
     assert all(g.value in LABELS for g in many)          # each answer under its own grammar
-    assert tiny_engine.n_seq_max == 8                     # 11 inputs: a batch of 8, then of 3
+    assert tiny_engine.parallel == 8 and tiny_engine.n_seq_max == 9   # 11 inputs: 8 at once, 3 join later
     free = [tiny_engine.chat([{"role": "user", "content": t}], max_tokens=6 + i) for i, t in enumerate(TEXTS[:5])]
     batch = tiny_engine.run_many(TEXTS[:5], max_tokens=6)
     assert [g.completion_tokens for g in batch] == [6] * 5 and [g.finish_reason for g in batch] == ["length"] * 5
@@ -105,12 +95,12 @@ def test_async_run_many_answers_as_the_sync_one(tiny_engine):
     assert [g.text for g in asyncio.run(main())] == [g.text for g in tiny_engine.run_many(TEXTS[:4], task=CARD)]
 
 
-def test_engine_refuses_a_bad_n_seq_max(tiny_base):
+def test_engine_refuses_a_bad_parallel(tiny_base):
     from edgeft import Engine
 
-    for bad in (0, 65, 2.5, True):
-        with pytest.raises(InputError, match="n_seq_max"):
-            Engine(str(tiny_base), n_seq_max=bad)
+    for bad in (-1, 64, 2.5, True):
+        with pytest.raises(InputError, match="parallel"):
+            Engine(str(tiny_base), parallel=bad)
 
 
 def test_jsonl_batches_waiting_lines_and_keeps_order_and_errors(tiny_base, tmp_path):

@@ -114,7 +114,7 @@ def test_evaluate_targets_handles_missing_values():
     assert by["swapms"]["met"] is True
     assert by["reload-per-switchx"]["met"] is False
     assert all(r["met"] is None for r in rows if r["value"] is None)
-    assert len(rows) == 9
+    assert len(rows) == 12
 
 
 def test_memory_bandwidth_positive():
@@ -129,6 +129,35 @@ def _num(x, lo=0.0, hi=math.inf, strict=True):
     assert math.isfinite(x), x
     assert (x > lo if strict else x >= lo) and x < hi, x
     return x
+
+
+def test_concurrency_phase_on_the_tiny_base(tiny_base, tmp_path):
+    """The real server in this process under concurrent clients: whole answers, shared steps."""
+    from edgeft import Engine
+    from edgeft.bench.concurrency import concurrency_phase
+
+    with Engine(str(tiny_base), n_ctx=4096, n_threads=1) as eng:
+        for i in range(2):
+            eng.load_adapter(str(bench.write_random_adapter(tmp_path / f"r{i}.gguf", tiny_base, seed=i)), name=f"r{i}")
+        said = []
+        cc = concurrency_phase(eng, ["r0", "r1"], requests=2, say=said.append, clients=(1, 4), answer_tokens=300)
+        assert eng.prompt_cache.enabled                           # put back after the cache-off loads
+    assert set(cc["edgeft"]) == {"same_1_cache_on", "same_4_cache_on", "same_4_cache_off", "mixed_1_cache_on",
+                                 "mixed_4_cache_on", "mixed_4_cache_off"}
+    for v in cc["edgeft"].values():
+        assert v["completion_tokens"] == v["requests"] * 300 and v["latency_s"]["n"] == v["requests"]
+    assert cc["edgeft"]["same_4_cache_on"]["largest_batch"] >= 2
+    assert cc["edgeft"]["same_1_cache_on"]["largest_batch"] == 1
+    assert "eight_over_one_same" not in cc and any("4 client(s)" in m for m in said)
+
+
+def test_llama_server_that_does_not_start_is_a_clear_error(tmp_path, tiny_base):
+    from edgeft.bench.concurrency import llama_server
+    from edgeft.errors import InputError
+
+    with pytest.raises(InputError, match="llama-server exited with code"):
+        with llama_server("/bin/false", tiny_base, [], threads=1, ctx=512, parallel=2):
+            pass
 
 
 @pytest.mark.slow
@@ -207,11 +236,20 @@ def test_bench_quick_json(tmp_path, base_path):
     assert pc["same_cache_on"]["reused_tokens_mean"] > 20
     assert r["targets"][7]["value"] == pc["cache_off_over_on_alternating"]
     bt = r["batch"]
-    assert bt["requests"] == 16 and bt["n_seq_max"] == 8
+    assert bt["requests"] == 16 and bt["parallel"] == 8
     _num(bt["tps_one_by_one"], 0, 10_000)
     _num(bt["tps_batched"], 0, 10_000)
     assert 0 <= bt["identical_answers"] <= 1 and r["targets"][8]["value"] == bt["batched_over_one_by_one"]
-    assert len(r["targets"]) == 9
+    cc = r["concurrency"]
+    assert set(cc["edgeft"]) == {f"{m}_{n}_cache_{c}" for m in ("same", "mixed") for n, c in
+                                 ((1, "on"), (8, "on"), (8, "off"))}
+    for v in cc["edgeft"].values():
+        assert v["completion_tokens"] == v["requests"] * 48      # ignore_eos: whole answers
+        _num(v["tps"], 0, 10_000)
+    assert cc["edgeft"]["same_8_cache_on"]["largest_batch"] >= 4  # the 8 clients shared decode steps
+    assert r["targets"][9]["value"] == cc["eight_over_one_same"]
+    assert r["targets"][10]["met"] is None and r["targets"][11]["met"] is None   # no llama-server given
+    assert len(r["targets"]) == 12
     assert all(t["met"] in (True, False, None) for t in r["targets"])
     assert r["evictions"] is None and r["llama_bench"] is None  # laptop profile, no binary given
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

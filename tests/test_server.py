@@ -468,6 +468,50 @@ def test_client_disconnect_mid_stream_frees_the_engine(server):
     print(f"\ndisconnect: engine free {freed_ms:.0f} ms after the client left; next request {next_ms:.0f} ms")
 
 
+def test_a_client_leaving_a_batch_leaves_the_other_answers_whole(server):
+    """Requests for one adapter set share decode steps (continuous batching); a streaming client
+    that disconnects mid-batch stops only its own answer."""
+    prompts = ["Once upon a", "The capital of France is", "1, 2, 3,", "Dear friend,"]
+
+    def ask(p: str) -> dict:
+        r = server.http.post("/v1/completions", json={"model": "a", "prompt": p, "max_tokens": 1200,
+                                                       "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    alone = [ask(p) for p in prompts]
+    assert all(a["usage"]["completion_tokens"] == 1200 and a["choices"][0]["finish_reason"] == "length"
+               for a in alone)   # ignore_eos: every answer runs to max_tokens
+    before = server.health()
+
+    def leaver() -> int:
+        body = {"model": "a", "prompt": "Hello there", "max_tokens": 4000, "ignore_eos": True, "stream": True}
+        n = 0
+        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as cl:
+            with cl.stream("POST", "/v1/completions", json=body) as r:
+                for line in r.iter_lines():
+                    n += line.startswith("data: {")
+                    if n >= 20:
+                        break
+        return n
+
+    with cf.ThreadPoolExecutor(5) as ex:
+        left = ex.submit(leaver)
+        together = list(ex.map(ask, prompts))
+        assert left.result() >= 20
+    for a, t in zip(alone, together):
+        # whole answers, from the right prompt and adapter: the first token comes from prompt
+        # logits, computed alike alone and together. Later decode steps of several answers use
+        # llama.cpp's batched kernels, which round differently, and this random model's greedy
+        # answers part at near ties within a few tokens (7-511 characters in-process), so the
+        # bit-for-bit checks of short batched answers are in tests/test_continuous.py
+        assert t["usage"]["completion_tokens"] == 1200 and t["choices"][0]["finish_reason"] == "length"
+        assert t["choices"][0]["text"][:1] == a["choices"][0]["text"][:1]
+    h = server.health()
+    assert h["largest_batch"] >= 3, h              # the answers really shared decode steps
+    assert h["cancelled"] == before["cancelled"] + 1 and h["served"] == before["served"] + 4, (before, h)
+
+
 def test_soak_1000_requests_rss_stays_flat(server):
     """Mostly 1-token completions of one prompt (the engine reuses all but 2 prompt tokens, so each
     costs one small decode), every 20th a chat request, every other one streamed, every 50th on
@@ -527,7 +571,7 @@ def test_affinity_scheduling_is_bounded():
     from edgeft.server import AFFINITY_SKIPS, Job, Worker
 
     async def order() -> list[str]:
-        w = Worker(engine=None, queue_size=100)   # not started: _pick is driven by hand
+        w = Worker(engine=None, queue_size=100, planner=None)   # not started: _pick is driven by hand
         jobs = [Job(lambda e, j: None, key=k) for k in ["X"] + ["A"] * 10]
         for j in jobs:
             w.submit(j)

@@ -316,6 +316,14 @@ class Backend:
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
 
+    @functools.cached_property
+    def _eog(self) -> np.ndarray:
+        return np.array([t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t)], dtype=np.int64)
+
+    def eog_tokens(self) -> np.ndarray:
+        """Every end-of-generation token id (computed once)."""
+        return self._eog
+
     @property
     def chat_template(self) -> str | None:
         return self.metadata.get("tokenizer.chat_template")
@@ -324,6 +332,11 @@ class Backend:
         """Render messages with the model's own Jinja chat template (as transformers does)."""
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+        if not isinstance(messages, list) or not messages:
+            raise InputError("no messages", "send a list of at least one message")
+        for m in messages:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise InputError("each message needs a string 'role' and a string 'content'")
         tmpl = self.chat_template
         if not tmpl:
             raise ModelError("this base model has no chat template", "use `complete` with a raw prompt instead")
@@ -443,9 +456,10 @@ class Backend:
         else:
             _kv_clear(self.ctx)
 
-    def memory_seq_copy(self, src: int, dst: int) -> None:
-        """Let sequence dst share all of sequence src's cells (no K/V is computed or copied)."""
-        llama_cpp.llama_memory_seq_cp(_get_memory(self.ctx), src, dst, -1, -1)
+    def memory_seq_copy(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
+        """Let sequence dst share sequence src's cells at positions [p0, p1) (all by default):
+        no K/V is computed or copied."""
+        llama_cpp.llama_memory_seq_cp(_get_memory(self.ctx), src, dst, p0, p1)
 
     def memory_seq_drop(self, seq: int, keep: int = 0) -> bool:
         """Drop positions >= keep from sequence seq."""

@@ -1,5 +1,5 @@
 """The batch phase: a bulk job of task requests under one adapter, answered one by one
-(`Engine.chat`) and together (`Engine.run_many`, up to n_seq_max answers per llama_decode).
+(`Engine.chat`) and together (`Engine.run_many`, up to `parallel` answers per llama_decode).
 
 Both runs use the same greedy requests in the same process, interleaved per round; the phase
 reports generated tokens per second for each, their ratio, and how many batched answers are
@@ -40,7 +40,7 @@ def batch_phase(eng: Any, sel: dict, rounds: int, say) -> dict:
         same += sum(a == b for a, b in zip(got["one_by_one"], got["batched"]))
         total += len(texts)
     one, many = _med(tps["one_by_one"]), _med(tps["batched"])
-    return {"requests": len(texts), "answer_tokens": ANSWER_TOKENS, "n_seq_max": eng.n_seq_max, "rounds": rounds,
+    return {"requests": len(texts), "answer_tokens": ANSWER_TOKENS, "parallel": eng.parallel, "rounds": rounds,
             "tps_one_by_one": one, "tps_batched": many, "batched_over_one_by_one": _ratio(many, one),
             "identical_answers": same / total if total else None}
 

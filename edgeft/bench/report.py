@@ -36,6 +36,11 @@ def evaluate_targets(res: dict) -> list[dict]:
          g("prompt_cache", "alternating_over_same_cache_on"), "<=", 1.15, "x"),
         ("TTFT alternating adapters: cache off / on", g("prompt_cache", "cache_off_over_on_alternating"), ">=", 2.5, "x"),
         ("bulk job: batched / one-by-one tok/s", g("batch", "batched_over_one_by_one"), ">=", 1.3, "x"),
+        ("server, 8 clients / 1 client tok/s, one adapter", g("concurrency", "eight_over_one_same"), ">=", 1.5, "x"),
+        ("server, 8 clients, one adapter: edgeft / llama-server tok/s",
+         g("concurrency", "edgeft_over_llama_server", "same_8"), ">=", 1.0, "x"),
+        ("server, 8 clients, two adapters: edgeft / llama-server tok/s",
+         g("concurrency", "edgeft_over_llama_server", "mixed_8"), ">=", 1.3, "x"),
     ]
     out = []
     for name, value, op, limit, unit in rows:
@@ -54,7 +59,7 @@ def plot(res: dict, path: str | os.PathLike) -> Path:
     except ImportError:
         raise InputError("--plot needs matplotlib", "pip install 'edgeft[bench]'") from None
 
-    fig, grid = plt.subplots(2, 2, figsize=(13, 9.5))
+    fig, grid = plt.subplots(3, 2, figsize=(13, 14))
     axes = grid.ravel()
     load = res["machine"].get("load_avg_start")
     title = (f"edgeft bench: {res['base']['id']}, profile {res['profile']['name']}, "
@@ -65,6 +70,8 @@ def plot(res: dict, path: str | os.PathLike) -> Path:
     _plot_memory(axes[1], res)
     _plot_decode(axes[2], res)
     _plot_sweep(axes[3], res.get("decode_sweep"))
+    _plot_concurrency(axes[4], res.get("concurrency"))
+    axes[5].axis("off")
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -124,6 +131,28 @@ def _plot_decode(ax, res: dict) -> None:
     ax.set_ylabel("decode tok/s (greedy, median)")
     ax.set_title("decode speed per mode")
     ax.tick_params(axis="x", labelsize=8)
+
+
+def _plot_concurrency(ax, conc: dict | None) -> None:
+    """Server tok/s per number of clients: edgeft (one adapter, two alternating) and llama-server."""
+    if not conc:
+        ax.axis("off")
+        return
+    series = [("edgeft, one adapter", conc["edgeft"], "same_{}_cache_on", "#2a9d8f"),
+              ("edgeft, two adapters", conc["edgeft"], "mixed_{}_cache_on", "#8ab17d"),
+              ("llama-server, one adapter", conc.get("llama_server") or {}, "same_{}", "#e9c46a"),
+              ("llama-server, two adapters", conc.get("llama_server") or {}, "mixed_{}", "#f4a261")]
+    clients = sorted({r["clients"] for r in conc["edgeft"].values()})
+    shown = [(lbl, src, key, c) for lbl, src, key, c in series if any(key.format(n) in src for n in clients)]
+    width = 0.8 / max(1, len(shown))
+    for j, (lbl, src, key, color) in enumerate(shown):
+        ys = [(src.get(key.format(n)) or {}).get("tps") or 0 for n in clients]
+        xs = [i + (j - (len(shown) - 1) / 2) * width for i in range(len(clients))]
+        ax.bar(xs, ys, width, label=lbl, color=color)
+    ax.set_xticks(range(len(clients)), [f"{n} client{'s' if n > 1 else ''}" for n in clients])
+    ax.set_ylabel("generated tok/s over the load")
+    ax.set_title(f"HTTP server under concurrent clients ({conc['answer_tokens']}-token answers)")
+    ax.legend(fontsize=8)
 
 
 def _plot_sweep(ax, sweep: dict | None) -> None:

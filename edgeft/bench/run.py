@@ -36,6 +36,7 @@ from typing import Any, Sequence
 from ..errors import InputError
 from .batch import batch_phase
 from .cache import prompt_cache_phase
+from .concurrency import CLIENTS, concurrency_phase
 from .fixtures import merge_adapter, write_random_adapter
 from .llama_bench import _llama_bench_pairs, llama_bench_binary, run_llama_bench
 from .machine import _loadavg, machine_info, memory_bandwidth_gbs
@@ -65,12 +66,15 @@ def run_bench(base: str | None = None, adapters: Sequence[str] | None = None, *,
               threads: int | None = None, ctx: int | None = None, gpu_layers: int = 0,
               repeats: int | None = None, quick: bool = False, sweep: bool | None = None,
               llama_bench: str | os.PathLike | None = None, adapter_dirs: Sequence[str] = (),
-              progress: Progress | None = None) -> dict:
+              progress: Progress | None = None, concurrency: bool = True,
+              llama_server: str | os.PathLike | None = None) -> dict:
     """Measure load, swap, TTFT, prefill, decode and memory; returns the result dict.
 
     adapters: refs (registered names, bundle folders, .gguf paths); none = two generated random
     rank-8 all-linear f32 adapters. quick: fewer repeats and no dtype sweep (under a minute on
     2 cores). sweep: decode ratio per adapter dtype x target set (default: on unless quick).
+    concurrency: edgeft's HTTP server under 1/4/8 clients (quick: 1 and 8, one request each);
+    llama_server: llama.cpp's server binary, measured under the same loads.
     """
     from ..models import resolve_base
 
@@ -95,6 +99,11 @@ def run_bench(base: str | None = None, adapters: Sequence[str] | None = None, *,
                 a_sel, b_sel, _ = run.selections()
                 res["prompt_cache"] = prompt_cache_phase(run.eng, a_sel, b_sel, 3 if run.quick else 3 * run.reps, run.say)
             res["batch"] = batch_phase(run.eng, run.selections()[0], 1 if run.quick else run.reps, run.say)
+            if concurrency:
+                res["concurrency"] = concurrency_phase(
+                    run.eng, run.names, requests=1 if run.quick else 3, say=run.say,
+                    clients=(1, 8) if run.quick else CLIENTS, llama_server_bin=llama_server,
+                    adapter_paths=[p for _, p, _ in run.refs])
             merged = _merged_model(run)
             res.update(_decode(run, lb_bin, merged))
             res["merged"] = merged

@@ -33,8 +33,19 @@ def _serving_rows(res: dict) -> list[tuple[str, str, str]]:
                      f"{pc['prompt_tokens']}-token task prompts, adapters alternating"))
     if bt:
         rows.append(("bulk job: one by one / batched", f"{_fmt(bt['tps_one_by_one'])} / {_fmt(bt['tps_batched'])} tok/s",
-                     f"{bt['requests']} answers of {bt['answer_tokens']} tokens, {bt['n_seq_max']} per batch; "
+                     f"{bt['requests']} answers of {bt['answer_tokens']} tokens, {bt['parallel']} per batch; "
                      f"{_fmt(100 * (bt['identical_answers'] or 0), '%', 0)} identical"))
+    cc = res.get("concurrency")
+    if cc:
+        e = cc["edgeft"]
+        for mode, what in (("same", "one adapter"), ("mixed", "two adapters alternating")):
+            loads = sorted((r["clients"], r) for k, r in e.items() if k.startswith(mode) and k.endswith("cache_on"))
+            ls = cc.get("llama_server") or {}
+            rows.append((f"server, {what}: " + " / ".join(f"{n}" for n, _ in loads) + " clients",
+                         " / ".join(_fmt(r["tps"]) for _, r in loads) + " tok/s",
+                         "p50 latency " + " / ".join(_fmt(r["latency_s"]["p50"], "s", 2) for _, r in loads)
+                         + (("; llama-server " + " / ".join(_fmt((ls.get(f"{mode}_{n}") or {}).get("tps")) for n, _ in loads)
+                             + " tok/s") if ls else "")))
     return rows
 
 
@@ -142,6 +153,8 @@ def bench(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the full result as JSON to PATH.")] = None,
     plot_out: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG chart to PATH (needs matplotlib: pip install 'edgeft[bench]').")] = None,
     llama_bench: Annotated[Optional[Path], typer.Option("--llama-bench", help="Path to llama.cpp's llama-bench binary: run it on the same model and threads.")] = None,
+    llama_server: Annotated[Optional[Path], typer.Option("--llama-server", help="Path to llama.cpp's llama-server binary: serve the same model, threads and adapters under the same client loads.")] = None,
+    concurrency: Annotated[bool, typer.Option("--concurrency/--no-concurrency", help="Measure the HTTP server under 1, 4 and 8 concurrent clients (needs the serve extra).")] = True,
     adapter_dir: AdapterDir = None,
 ) -> None:
     """Measure load, hot-swap, TTFT, decode and memory against reload-per-switch and merged models."""
@@ -161,7 +174,8 @@ def bench(
 
         res = run_bench(base, refs or None, profile=profile, threads=threads, ctx=ctx, gpu_layers=gpu_layers,
                         repeats=repeats, quick=quick, sweep=sweep, llama_bench=llama_bench,
-                        adapter_dirs=adapter_dir or [], progress=progress)
+                        adapter_dirs=adapter_dir or [], progress=progress, concurrency=concurrency,
+                        llama_server=llama_server)
     out = Console()
     out.print(_table(res))
     out.print(_targets_table(res))

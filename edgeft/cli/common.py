@@ -15,6 +15,7 @@ GpuLayers = Annotated[int, typer.Option("--gpu-layers", help="Layers to offload 
 FlashAttn = Annotated[bool, typer.Option("--flash-attn", help="llama.cpp's flash attention: faster decode, but ggml's CPU kernel sums attention in f16, so outputs can differ slightly (measured in docs/benchmarks.md).")]
 MemoryBudget = Annotated[Optional[float], typer.Option("--memory-budget", help="MB that resident adapters may use; least recently used ones are freed.")]
 PromptCacheMB = Annotated[float, typer.Option("--prompt-cache-mb", help="MB of saved prompt K/V per adapter set, so a request after a swap skips its task's fixed prefix (0: off).")]
+Parallel = Annotated[int, typer.Option("--parallel", min=1, max=63, help="Answers decoded together in one batch (requests for the same adapters share each decode step).")]
 Force = Annotated[bool, typer.Option("--force", help="Load adapters even if made for another base (sha256 differs).")]
 
 
@@ -42,13 +43,13 @@ def progress_printer():
 
 def open_engine(base: str | None, *, ctx: int = 2048, threads: int | None = None, gpu_layers: int = 0,
                 adapter_dirs: list[str] | None = None, memory_budget: float | None = None,
-                flash_attn: bool = False, prompt_cache_mb: float = 32.0):
+                flash_attn: bool = False, prompt_cache_mb: float = 32.0, parallel: int = 8):
     from ..engine import Engine
 
     cb, close = progress_printer()
     try:
         return Engine(base, n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers,
                       adapter_dirs=adapter_dirs or [], memory_budget_mb=memory_budget, progress=cb,
-                      flash_attn=flash_attn, prompt_cache_mb=prompt_cache_mb)
+                      flash_attn=flash_attn, prompt_cache_mb=prompt_cache_mb, parallel=parallel)
     finally:
         close()

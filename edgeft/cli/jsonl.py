@@ -1,7 +1,7 @@
 """`edgeft run --jsonl`: one request per stdin line, one JSON result per line, in input order.
 
 Consecutive lines with the same adapter set and options are answered together
-(`Engine.run_many`, up to the engine's n_seq_max at a time) when they are already waiting: a
+(`Engine.run_many`, up to the engine's `parallel` at a time) when they are already waiting: a
 file or a fast producer gets full batches, while a client that writes one line and waits for
 its answer gets it at once (a batch is closed as soon as no further line is waiting). A batch
 that fails is answered line by line, so one bad line costs only its own answer.
@@ -84,7 +84,7 @@ def run_jsonl(eng, default_adapters: dict, gen: dict, result_json, stream: TextI
                 failed += 1
                 emit({"line": lineno, "error": e.message if isinstance(e, EdgeftError) else f"invalid JSON: {e}"})
                 continue
-            if batch and (k != key or len(batch) >= eng.n_seq_max):
+            if batch and (k != key or len(batch) >= max(1, eng.parallel)):
                 flush()
             batch.append((lineno, req))
             key = k

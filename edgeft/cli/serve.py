@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import EdgeftError, InputError
-from .common import (AdapterDir, Base, Ctx, FlashAttn, Force, GpuLayers, MemoryBudget, PromptCacheMB, Threads,
-                     open_engine)
+from .common import (AdapterDir, Base, Ctx, FlashAttn, Force, GpuLayers, MemoryBudget, Parallel, PromptCacheMB,
+                     Threads, open_engine)
 
 
 def serve(
@@ -20,7 +20,8 @@ def serve(
     adapter_dir: AdapterDir = None,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="EDGEFT_API_KEY", show_envvar=True, help="Require 'Authorization: Bearer KEY' on every route but /health.")] = None,
     max_tokens_limit: Annotated[int, typer.Option("--max-tokens-limit", min=1, help="The most tokens one request may ask for (more: 400).")] = 2048,
-    queue: Annotated[int, typer.Option("--queue", min=0, help="Requests that may wait behind the one being answered (more: 503).")] = 16,
+    queue: Annotated[int, typer.Option("--queue", min=0, help="Requests that may wait behind the ones being answered (more: 503).")] = 16,
+    parallel: Parallel = 8,
     max_body_kb: Annotated[int, typer.Option("--max-body-kb", min=1, help="Largest request body in KiB (more: 413).")] = 1024,
     ctx: Ctx = 2048,
     threads: Threads = None,
@@ -53,7 +54,7 @@ def serve(
     try:
         eng = open_engine(base, ctx=ctx, threads=threads, gpu_layers=gpu_layers, adapter_dirs=adapter_dir,
                           memory_budget=memory_budget, flash_attn=flash_attn,
-                      prompt_cache_mb=prompt_cache_mb)
+                          prompt_cache_mb=prompt_cache_mb, parallel=parallel)
         with eng:
             loaded = _preload(eng, ",".join(adapters) if adapters else None, adapter_dir or [], force)
             cfg = server.ServerConfig(api_key=api_key, max_tokens_limit=max_tokens_limit, queue_size=queue,

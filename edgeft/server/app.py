@@ -37,14 +37,15 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..bundles import AdapterBundle
+from ..continuous import ContinuousBatch
 from ..engine import Engine
-from ..errors import AdapterError, EdgeftError
+from ..errors import AdapterError, EdgeftError, InputError
 from ..registry import available, find_in_registry, is_valid_name, search_dirs
 from .auth import LOOPBACK_NAMES, _Guard
 from .errors import ApiError, _bad, _from_edgeft, _internal
 from .requests import GenRequest, _gen_request, _response_format, _wanted_adapters
 from .responses import _result, _sse, _SSEResponse
-from .scheduler import Job, Worker
+from .scheduler import Job, Plan, Worker
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +63,13 @@ class ServerConfig:
 
 class Server:
     def __init__(self, engine: Engine, config: ServerConfig):
+        if engine.parallel < 1:
+            raise InputError("the server decodes requests in batches; this engine has parallel=0",
+                             "make the Engine with parallel >= 1 (edgeft serve --parallel)")
         self.engine = engine
         self.config = config
         self.roots = search_dirs(config.adapter_dirs)
-        self.worker = Worker(engine, config.queue_size)
+        self.worker = Worker(engine, config.queue_size, planner=self)
         self.loaded: dict[str, dict] = {}   # snapshot of resident adapters, replaced by the worker
         self._snapshot()
         self.started = int(time.time())
@@ -98,8 +102,10 @@ class Server:
                 bundles[name] = self._registry_bundle(name)
         return wanted, bundles
 
-    def _ensure_loaded(self, eng: Engine, req: GenRequest) -> dict[str, float]:
-        """On the worker: load what the request needs (from the bundles resolved for it)."""
+    # the worker's Planner: request -> adapter set -> prompt tokens and options ----------------
+    def select(self, eng: Engine, req: GenRequest) -> dict[str, float]:
+        """On the worker, before a batch: load what the request needs (from the bundles resolved
+        for it) and return its adapter set."""
         changed = False
         for name in req.adapters:
             if name in eng.adapters:
@@ -114,16 +120,20 @@ class Server:
             self._snapshot()
         return dict(req.adapters)
 
-    # request -> generation -----------------------------------------------------------------
+    def settle(self, eng: Engine) -> None:
+        if eng.stats.evictions != self._evictions:
+            self._snapshot()
+
     def _parse_gen(self, body: dict, kind: str) -> GenRequest:
         adapters, bundles = self._resolve_model(body.get("model"), body.get("adapters"))
         return _gen_request(body, kind, adapters, bundles, self.config.max_tokens_limit)
 
-    def _plan(self, eng: Engine, req: GenRequest, selection: dict[str, float]) -> tuple[str, dict]:
-        """The prompt text and generation options, after the task card (on the worker)."""
+    def plan(self, cb: ContinuousBatch, req: GenRequest, selection: dict[str, float]) -> Plan:
+        """The prompt tokens and generation options, after the task card (on the worker, inside
+        the batch: `cb` tokenizes while the batch holds the engine)."""
         task = None
         if req.use_card and len(selection) == 1:
-            task = eng.adapters[next(iter(selection))].task
+            task = self.engine.adapters[next(iter(selection))].task
         grammar = req.grammar
         stop = req.stop
         max_tokens, temperature = req.max_tokens, req.temperature
@@ -131,7 +141,7 @@ class Server:
             msgs = [dict(m) for m in req.messages]
             if task is not None:
                 msgs = _apply_card(task, msgs)
-            prompt = eng.chat_prompt(msgs)
+            prompt = cb.chat_prompt(msgs)
         else:
             prompt = req.prompt
         if task is not None:
@@ -143,49 +153,16 @@ class Server:
                 max_tokens = min(task.max_tokens, self.config.max_tokens_limit)
             if temperature is None:
                 temperature = task.temperature
-        opts = {"max_tokens": max_tokens or min(self.config.default_max_tokens, self.config.max_tokens_limit),
-                "temperature": 0.0 if temperature is None else temperature,
-                "top_p": req.top_p, "top_k": req.top_k, "min_p": req.min_p, "seed": req.seed,
-                "stop": stop or [], "grammar": grammar}
-        return prompt, opts
-
-    def _gen_fn(self, req: GenRequest) -> Callable[[Engine, Job], None]:
-        def fn(eng: Engine, job: Job) -> None:
-            selection = self._ensure_loaded(eng, req)
-            prompt, opts = self._plan(eng, req, selection)
-            n_prompt = len(eng.tokenize(prompt))
-            if n_prompt >= eng.n_ctx:
-                raise ApiError(400, f"the prompt has {n_prompt} tokens; this server's context holds {eng.n_ctx} "
-                                    "(prompt and answer together)",
-                               param="messages" if req.kind == "chat" else "prompt", code="context_length_exceeded")
-            it = eng.complete(prompt, adapter=selection, stream=True, **opts)
-            cancelled = False
-            pieces: list[str] = []
-            try:
-                first = next(it, None)   # prefill + first token: errors here still get a JSON status
-                job.emit("start")
-                piece = first
-                while piece is not None:
-                    if job.cancelled.is_set():
-                        cancelled = True
-                        break
-                    if job.stream:
-                        job.emit("piece", piece)
-                    else:
-                        pieces.append(piece)
-                    piece = next(it, None)
-            finally:
-                it.close()   # releases the engine lock now, also on cancel or error
-            if cancelled or job.cancelled.is_set():
-                self.worker.count("cancelled")
-                return
-            gen = it.result
-            if eng.stats.evictions != self._evictions:
-                self._snapshot()
-            self.worker.count("served")
-            job.emit("done", gen)
-
-        return fn
+        tokens = cb.tokenize(prompt)
+        n_ctx = self.engine.n_ctx
+        if len(tokens) >= n_ctx:
+            raise ApiError(400, f"the prompt has {len(tokens)} tokens; this server's context holds {n_ctx} "
+                                "(prompt and answer together)",
+                           param="messages" if req.kind == "chat" else "prompt", code="context_length_exceeded")
+        sampling = {"temperature": 0.0 if temperature is None else float(temperature), "top_p": float(req.top_p),
+                    "top_k": int(req.top_k), "min_p": float(req.min_p), "seed": req.seed, "grammar": grammar}
+        limit = max_tokens or min(self.config.default_max_tokens, self.config.max_tokens_limit)
+        return Plan(tokens, int(limit), list(stop or []), sampling, req.ignore_eos)
 
     # HTTP handlers ---------------------------------------------------------------------------
     async def chat_completions(self, request: Request) -> Response:
@@ -200,7 +177,7 @@ class Server:
         if body.get("response_format") is not None:   # converting a schema can take a moment
             req.format_set, req.grammar = await run_in_threadpool(_response_format, body)
         stream = bool(body.get("stream"))
-        job = self.worker.submit(Job(self._gen_fn(req), key=req.key, stream=stream))
+        job = self.worker.submit(Job(key=req.key, stream=stream, request=req))
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         if not stream:
@@ -330,7 +307,8 @@ class Server:
     async def health(self, request: Request) -> Response:
         w = self.worker
         c = w.counters
-        return JSONResponse({"status": "ok", "busy": w.busy, "queued": w.queued, "served": c.served,
+        return JSONResponse({"status": "ok", "busy": w.busy, "running": w.running, "queued": w.queued,
+                             "parallel": self.engine.parallel, "largest_batch": w.peak, "served": c.served,
                              "cancelled": c.cancelled, "rejected": c.rejected, "errors": c.errors,
                              "prompt_cache": self.engine.prompt_cache.report()})
 

@@ -162,6 +162,7 @@ class GenRequest:
     grammar: str | None = None
     use_card: bool = True
     include_usage: bool = False
+    ignore_eos: bool = False          # extension (as llama-server, vLLM): answer up to max_tokens
 
     @property
     def key(self) -> tuple:
@@ -240,6 +241,7 @@ def _gen_request(body: dict, kind: str, adapters: dict[str, float], bundles: dic
     if body.get("tools"):
         raise _bad("tools are not supported by edgeft serve", "tools")
     req.use_card = _opt_bool(body, "use_task_card", True)
+    req.ignore_eos = _opt_bool(body, "ignore_eos", False)
     _opt_bool(body, "stream", False)
     so = body.get("stream_options")
     if so is not None:

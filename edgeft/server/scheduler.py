@@ -1,11 +1,14 @@
 """The worker thread that owns the Engine, and the bounded queue in front of it.
 
-One worker thread runs one request at a time (llama.cpp is blocking and the context is
-single-sequence); the event loop only parses, queues and streams. Waiting requests sit in a
-bounded queue (full -> 503); the worker prefers a waiting request for the adapter set that is
-already applied, so its prompt prefix is reused instead of recomputed, but never skips a request
-more than `AFFINITY_SKIPS` times. Answers do not depend on the order: the engine clears its KV
-cache on every change of adapter set, so greedy output equals `edgeft run`'s.
+Generation requests are served by continuous batching (edgeft/continuous.py): the worker opens
+a batch for the adapter set of the request at the head of the queue, and between decode steps
+admits every waiting request for the same set that fits (a free sequence and KV cells), so up
+to `Engine.parallel` answers share each llama_decode and a request joins while others decode. A
+request for another adapter set waits until the batch drains; to keep that wait bounded, a
+batch stops admitting once a request of another set has been passed over `AFFINITY_SKIPS`
+times. Other jobs (loading, unloading adapters) run alone between batches. Waiting requests sit
+in a bounded queue (full -> 503). Cancelling a request (client gone) ends its answer before the
+next step; the others in the batch go on untouched.
 """
 
 from __future__ import annotations
@@ -15,13 +18,14 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from ..errors import EdgeftError
 from .errors import ApiError, _from_edgeft, _internal, _shutting_down
 
 if TYPE_CHECKING:
+    from ..continuous import Answer, ContinuousBatch
     from ..engine import Engine
 
 log = logging.getLogger(__name__)
@@ -29,12 +33,34 @@ log = logging.getLogger(__name__)
 AFFINITY_SKIPS = 4          # most times a waiting request may be passed over for a same-adapter one
 
 
-class Job:
-    """One unit of engine work. `fn(engine, job)` runs on the worker thread and reports through
-    `emit`, which hands (kind, payload) events to the request's coroutine on the event loop."""
+@dataclass
+class Plan:
+    """A generation request made concrete on the worker: prompt tokens and how to answer."""
 
-    def __init__(self, fn: Callable[[Engine, "Job"], None], *, key: Any = None, stream: bool = False):
+    tokens: list[int]
+    max_tokens: int
+    stop: list[str] = field(default_factory=list)
+    sampling: dict = field(default_factory=dict)   # temperature, top_p, top_k, min_p, seed, grammar
+    ignore_eos: bool = False
+
+
+class Planner(Protocol):
+    """What the worker asks the app for a generation job (app.Server implements it)."""
+
+    def select(self, eng: Engine, request: Any) -> dict[str, float]: ...   # loads what it needs
+    def plan(self, cb: ContinuousBatch, request: Any, selection: dict[str, float]) -> Plan: ...
+    def settle(self, eng: Engine) -> None: ...                           # after a batch
+
+
+class Job:
+    """One unit of engine work: a generation `request` (served in a batch; see Planner), or
+    `fn(engine, job)` run alone. Either reports through `emit`, which hands (kind, payload)
+    events to the request's coroutine on the event loop."""
+
+    def __init__(self, fn: Callable[[Engine, "Job"], None] | None = None, *, key: Any = None,
+                 stream: bool = False, request: Any = None):
         self.fn = fn
+        self.request = request
         self.key = key
         self.stream = stream
         self.loop = asyncio.get_running_loop()
@@ -43,6 +69,8 @@ class Job:
         self.enqueued = time.perf_counter()
         self.started = 0.0
         self.skipped = 0
+        self.plan: Plan | None = None
+        self.shown_start = False
 
     def emit(self, kind: str, payload: Any = None) -> None:
         try:
@@ -61,13 +89,15 @@ class Counters:
 
 
 class Worker:
-    def __init__(self, engine: Engine, queue_size: int):
+    def __init__(self, engine: Engine, queue_size: int, planner: Planner):
         self.engine = engine
         self.queue_size = queue_size
+        self.planner = planner
         self.counters = Counters()
         self._pending: deque[Job] = deque()
         self._cond = threading.Condition()
-        self._current: Job | None = None
+        self._running: dict[Any, Job] = {}     # Answer (or the job itself for a plain job) -> Job
+        self.peak = 0                          # most answers running at once (the bench resets it)
         self._last_key: Any = None
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="edgeft-engine", daemon=True)
@@ -77,7 +107,11 @@ class Worker:
 
     @property
     def busy(self) -> bool:
-        return self._current is not None
+        return bool(self._running)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
 
     @property
     def queued(self) -> int:
@@ -100,7 +134,7 @@ class Worker:
         return job
 
     def cancel(self, job: Job) -> None:
-        """Drop a waiting job, or make a running one stop at its next token."""
+        """Drop a waiting job, or make a running one stop before its next token."""
         if job.cancelled.is_set():
             return
         job.cancelled.set()
@@ -115,7 +149,7 @@ class Worker:
         """Take no more work; waiting and running jobs end now with a 503 'shutting down'."""
         with self._cond:
             self._stopping = True
-            jobs = list(self._pending) + ([self._current] if self._current is not None else [])
+            jobs = list(self._pending) + list(self._running.values())
             self._pending = deque()
             self._cond.notify_all()
         for job in jobs:
@@ -147,24 +181,133 @@ class Worker:
                 if self._stopping:
                     return
                 job = self._pick()
-                self._current = job
+                job.started = time.perf_counter()
+            if job.cancelled.is_set():
+                self.count("cancelled")
+                continue
             t0 = time.perf_counter()
-            job.started = t0
             try:
-                if job.cancelled.is_set():
-                    self.count("cancelled")
-                    continue
-                job.fn(self.engine, job)
+                if job.request is not None:
+                    self._serve(job)
+                else:
+                    self._track(job, job)
+                    job.fn(self.engine, job)
                 if job.key is not None:
                     self._last_key = job.key
-            except ApiError as e:
-                job.emit("error", e)
-            except EdgeftError as e:
-                job.emit("error", _from_edgeft(e))
-            except Exception as e:  # a bug: log it here, never send a traceback to the client
-                self.count("errors")
-                log.exception("request failed")
-                job.emit("error", _internal(e))
+            except Exception as e:
+                self._fail(job, e)
             finally:
                 self.counters.busy_s += time.perf_counter() - t0
-                self._current = None
+                with self._cond:
+                    self._running.clear()
+
+    def _fail(self, job: Job, e: Exception) -> None:
+        if isinstance(e, ApiError):
+            job.emit("error", e)
+        elif isinstance(e, EdgeftError):
+            job.emit("error", _from_edgeft(e))
+        else:  # a bug: log it here, never send a traceback to the client
+            self.count("errors")
+            log.exception("request failed", exc_info=e)
+            job.emit("error", _internal(e))
+
+    # -- generation: continuous batching ------------------------------------------------------
+    def _serve(self, first: Job) -> None:
+        """A batch under `first`'s adapter set, open while any of its answers runs."""
+        eng = self.engine
+        selection = self.planner.select(eng, first.request)
+        try:
+            with eng.batch(selection) as cb:
+                if self._join(cb, first, selection) is False:   # cannot happen: a lone request fits
+                    raise ApiError(400, "the request does not fit this server's context", code="context_length_exceeded")
+                while self._running:
+                    self._admit(cb, first.key, selection)
+                    for a in cb.step():
+                        self._report(a)
+        except Exception as e:   # the engine failed: every answer of the batch gets the error
+            with self._cond:
+                jobs = list(self._running.values()) or [first]
+                self._running.clear()
+            for job in jobs:
+                if not job.cancelled.is_set():
+                    self._fail(job, e)
+        finally:
+            self.planner.settle(eng)
+
+    def _join(self, cb: ContinuousBatch, job: Job, selection: dict[str, float]) -> bool | None:
+        """Plan `job` and add it to the batch: True if added, False if it does not fit yet,
+        None if it failed (its error is sent)."""
+        try:
+            if job.plan is None:
+                job.plan = self.planner.plan(cb, job.request, selection)
+            p = job.plan
+            if not cb.fits(p.tokens, p.max_tokens):
+                return False
+            a = cb.add(p.tokens, max_tokens=p.max_tokens, stop=p.stop, cancel=job.cancelled, ignore_eos=p.ignore_eos,
+                       **p.sampling)
+        except (ApiError, EdgeftError) as e:
+            self._fail(job, e)
+            return None
+        job.started = time.perf_counter()
+        self._track(a, job)
+        return True
+
+    def _track(self, key: Any, job: Job | None) -> None:
+        with self._cond:
+            if job is None:
+                self._running.pop(key, None)
+            else:
+                self._running[key] = job
+                self.peak = max(self.peak, len(self._running))
+
+    def _admit(self, cb: ContinuousBatch, key: Any, selection: dict[str, float]) -> None:
+        """Waiting requests for this batch's adapter set join it, oldest first, while they fit
+        and no request of another set has been passed over too often."""
+        while cb.slots:
+            with self._cond:
+                if self._stopping:
+                    return
+                others = [j for j in self._pending if j.key != key or j.request is None]
+                if any(j.skipped >= AFFINITY_SKIPS for j in others):
+                    return
+                job = next((j for j in self._pending if j.key == key and j.request is not None), None)
+                if job is None:
+                    return
+            if job.cancelled.is_set():
+                continue    # cancel() has taken it out of the queue
+            joined = self._join(cb, job, selection)
+            if joined is False:
+                return      # it waits for room; keep first-come order
+            with self._cond:
+                try:
+                    self._pending.remove(job)
+                except ValueError:   # cancelled meanwhile: its answer ends at the next step
+                    pass
+                if joined:
+                    for j in others:
+                        if j.enqueued < job.enqueued:
+                            j.skipped += 1
+
+    def _report(self, a: Answer) -> None:
+        job = self._running.get(a)
+        if job is None:
+            return
+        if job.cancelled.is_set():
+            if a.done:
+                self._track(a, None)
+                self.count("cancelled")
+            return
+        if a.error is not None:
+            self._track(a, None)
+            self._fail(job, a.error)
+            return
+        if a.started and not job.shown_start:
+            job.shown_start = True
+            job.emit("start")
+        piece = a.take()
+        if piece and job.stream:
+            job.emit("piece", piece)
+        if a.done:
+            self._track(a, None)
+            self.count("served")
+            job.emit("done", a.gen)

@@ -1,0 +1,255 @@
+"""Continuous batching: answers under one adapter set decoded together, joining and leaving
+between steps, so a server or a bulk job pays for the weights once per step instead of once
+per answer.
+
+Sequence 0 holds a prompt prefix (the engine's reusable prompt K/V) and is never an answer. Each
+answer decodes in its own sequence 1..n_seq_max-1: it shares the positions it has in common
+with sequence 0 (`llama_memory_seq_cp` over that range: cells shared, no K/V computed or copied)
+and prefills only the rest. One `step()` is one `llama_decode` carrying the next token of every
+decoding answer and the prompt rows of answers that joined (at most n_batch rows); an answer
+samples its first token from the step that held its last prompt row. Each answer keeps its own
+sampler (grammar), stop strings, max_tokens and cancel event; a finished or cancelled answer
+frees its sequence and cells at once, so a waiting request can join at the next step.
+
+The single-request path's rules hold here too: only K/V computed by batched decodes are shared
+(generated tokens never are), a prompt suffix is never decoded as a lone token, and sequence 0
+changes only while no answer depends on it, which keeps the cell reservation exact: an answer
+is admitted only when its own prompt part and max_tokens fit beside the others.
+
+Exactness: an answer alone in the batch runs the same kernels as `Engine.complete`; steps with
+two or more rows use llama.cpp's batched kernels, which round differently, so a greedy answer
+can differ from its solo one where two candidates' logits are within that rounding.
+"""
+
+from __future__ import annotations
+
+import codecs
+import numbers
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Sequence
+
+from . import _llama
+from .errors import EdgeftError, InputError
+from .generation import Generation
+from .prompt_cache import common_prefix
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+_SAMPLING = {"temperature", "top_p", "top_k", "min_p", "seed", "grammar"}
+
+
+@dataclass(eq=False)
+class Answer:
+    """One request in a ContinuousBatch: its prompt, progress and (in `gen`) its result."""
+
+    tokens: list[int]
+    max_tokens: int
+    stop: list[str]
+    seq: int
+    gen: Generation
+    cancel: threading.Event
+    sampler: object = None             # _llama.Sampler, closed when the answer ends
+    todo: int = 0                      # next prompt position to prefill
+    pos: int = 0                       # position of the next token to decode
+    last: int = -1                     # last sampled token, decoded at the next step
+    n: int = 0
+    text: str = ""
+    emitted: int = 0
+    started: bool = False              # first token sampled (or the answer ended before one)
+    done: bool = False
+    t0: float = 0.0
+    t_first: float | None = None
+    t_end: float = 0.0
+    reserved: int = 0                  # KV cells promised to this answer
+    ignore_eos: bool = False
+    error: Exception | None = None     # why it ended with finish_reason "error"
+    utf8: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
+
+    def take(self) -> str:
+        """Text generated since the last call that is safe to show: while the answer runs, the
+        tail that could still become a stop string is held back."""
+        hold = 0 if self.done else max((len(s) for s in self.stop), default=1) - 1
+        safe = len(self.text) - hold
+        if safe <= self.emitted:
+            return ""
+        piece = self.text[self.emitted:safe]
+        self.emitted = safe
+        return piece
+
+
+class ContinuousBatch:
+    """Answers under the engine's applied adapter set; made by `Engine.batch()`, which holds the
+    engine's lock for its life. `add()` admits a request, `step()` advances all of them."""
+
+    def __init__(self, engine: "Engine", selection: dict[str, float]):
+        if engine._b.n_seq_max < 2:
+            raise InputError("this engine decodes one sequence at a time (n_seq_max=1)",
+                             "make the Engine with n_seq_max >= 2 to batch answers")
+        self._e = engine
+        self._b = engine._b
+        self.selection = dict(selection)
+        self.answers: list[Answer] = []
+        self._free = list(range(self._b.n_seq_max - 1, 0, -1))
+        self._reserved = 0
+
+    # -- admission --------------------------------------------------------------------------
+    @property
+    def slots(self) -> int:
+        """Answers that can still join now (free sequences)."""
+        return len(self._free)
+
+    def _shared(self, tokens: Sequence[int]) -> int:
+        e = self._e
+        return max(0, min(common_prefix(e._kv_tokens, tokens), e._kv_batched, len(tokens) - 2))
+
+    def _limit(self, tokens: Sequence[int], max_tokens: int) -> int:
+        return max(0, min(int(max_tokens), self._e.n_ctx - len(tokens)))
+
+    def fits(self, tokens: Sequence[int], max_tokens: int) -> bool:
+        """Whether a request can join now: a free sequence, and cells for its own prompt part
+        and answer beside what the others hold (a lone request always fits: max_tokens is cut
+        to the context, as for a single request)."""
+        if not self._free or len(tokens) >= self._e.n_ctx:
+            return False
+        if not self.answers:
+            return True
+        need = len(tokens) - self._shared(tokens) + self._limit(tokens, max_tokens)
+        return len(self._e._kv_tokens) + self._reserved + need <= self._e.n_ctx
+
+    def add(self, tokens: Sequence[int], *, max_tokens: int = 256, stop: Sequence[str] = (),
+            cancel: threading.Event | None = None, ignore_eos: bool = False, **sampling: Any) -> Answer:
+        """Admit a request (check `fits` first); its prompt is prefilled by the next steps.
+        `sampling`: temperature, top_p, top_k, min_p, seed, grammar (checked here); `ignore_eos`
+        masks end-of-generation tokens, so the answer runs to max_tokens or a stop string
+        (benchmarks)."""
+        unknown = set(sampling) - _SAMPLING
+        if unknown:
+            raise InputError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
+        values = _llama.Sampling(**sampling)
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral) or max_tokens < 0:
+            raise InputError(f"max_tokens must be a whole number >= 0, got {max_tokens!r}")
+        tokens = list(tokens)
+        if not tokens:
+            raise InputError("empty prompt", "give some text")
+        if len(tokens) >= self._e.n_ctx:
+            raise InputError(f"the prompt has {len(tokens)} tokens; the context holds {self._e.n_ctx}",
+                             "shorten the input or raise --ctx")
+        if not self.fits(tokens, max_tokens):
+            raise InputError("no room in the batch for this request", "wait for an answer to finish")
+        t0 = time.perf_counter()
+        e, b = self._e, self._b
+        keep = self._shared(tokens)
+        reused = keep
+        if not self.answers:   # nothing depends on sequence 0: give it this prompt's head
+            reused = e._place_prefix(tokens[:max(0, len(tokens) - 2)])
+            keep = self._shared(tokens)
+        limit = self._limit(tokens, max_tokens)
+        seq = self._free.pop()
+        sampler = b.sampler(values)
+        if keep:
+            b.memory_seq_copy(0, seq, 0, keep)
+        a = Answer(tokens, limit, list(stop or []), seq,
+                   Generation("", "length", len(tokens), 0, 0.0, 0.0, dict(self.selection), reused_prefix=reused),
+                   cancel if cancel is not None else threading.Event(), sampler, todo=keep, pos=keep, t0=t0,
+                   reserved=len(tokens) - keep + limit, ignore_eos=bool(ignore_eos))
+        self._reserved += a.reserved
+        self.answers.append(a)
+        return a
+
+    # -- decoding ---------------------------------------------------------------------------
+    def step(self) -> list[Answer]:
+        """One llama_decode for every live answer; returns the answers that advanced or ended
+        (ended ones have `done` set and have left the batch)."""
+        touched = [a for a in self.answers if a.cancel.is_set()]
+        for a in touched:
+            self._end(a, "cancelled")
+        rows: list[tuple[int, int, int, bool, Answer | None]] = []
+        for a in self.answers:
+            if a.todo >= len(a.tokens):
+                rows.append((a.last, a.pos, a.seq, True, a))
+        for a in self.answers:
+            left = self._b.n_batch - len(rows)
+            rest = len(a.tokens) - a.todo
+            if rest <= 0 or left <= 0:
+                continue
+            k = min(rest, left)
+            if rest - k == 1 and k > 1:
+                k -= 1     # never leave one prompt token to be decoded alone
+            for j in range(a.todo, a.todo + k):
+                end = j == len(a.tokens) - 1
+                rows.append((a.tokens[j], j, a.seq, end, a if end else None))
+            a.todo += k
+        if not rows:
+            return touched
+        self._b.decode_seqs([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows])
+        for row, r in enumerate(rows):
+            a = r[4]
+            if a is None:
+                continue
+            a.pos = r[1] + 1
+            if a.max_tokens <= 0:
+                self._end(a, "length")
+            else:
+                try:
+                    self._sample(a, row)
+                except EdgeftError as e:   # this answer's grammar or values: the others go on
+                    a.error = e
+                    self._end(a, "error")
+            touched.append(a)
+        return touched
+
+    def _sample(self, a: Answer, row: int) -> None:
+        logits = self._b.logits_at(row)
+        if a.ignore_eos:
+            logits[self._b.eog_tokens()] = -float("inf")
+        tok = a.sampler.sample(self._b.ctx, logits, row)
+        if a.t_first is None:
+            a.t_first = time.perf_counter()
+            a.gen.ttft_ms = (a.t_first - a.t0) * 1e3
+            a.started = True
+        if self._b.is_eog(tok):
+            return self._end(a, "stop")
+        a.n += 1
+        a.text += a.utf8.decode(self._b.piece(tok))
+        if a.stop:
+            cut = min((i for i in (a.text.find(s) for s in a.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                a.text = a.text[:cut]
+                return self._end(a, "stop")
+        if a.n >= a.max_tokens:
+            return self._end(a, "length")
+        a.last = tok
+
+    def _end(self, a: Answer, reason: str) -> None:
+        if a.done:
+            return
+        a.done, a.started, a.t_end = True, True, time.perf_counter()
+        a.gen.finish_reason = reason
+        a.text += a.utf8.decode(b"", final=True)
+        a.gen.text = a.text
+        a.gen.completion_tokens = a.n
+        if a.t_first is not None and a.n > 1:
+            a.gen.decode_tps = (a.n - 1) / max(a.t_end - a.t_first, 1e-9)
+        self.answers.remove(a)
+        self._reserved -= a.reserved
+        self._b.memory_seq_drop(a.seq)
+        self._free.append(a.seq)
+        if a.sampler is not None:
+            a.sampler.close()
+            a.sampler = None
+
+    def close(self, reason: str = "cancelled") -> None:
+        """End every answer still running (its sequence dropped); sequence 0 keeps its prefix."""
+        for a in list(self.answers):
+            self._end(a, reason)
+
+    # -- text, usable inside the batch block (the engine's own methods wait for its lock) ----
+    def tokenize(self, text: str) -> list[int]:
+        return self._b.tokenize(text, add_special=True, parse_special=True)
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        return self._b.apply_chat_template([dict(m) if isinstance(m, dict) else m for m in messages]
+                                           if isinstance(messages, list) else messages)
