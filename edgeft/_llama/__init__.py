@@ -123,10 +123,15 @@ def set_log_verbosity(level: int) -> None:
 
 
 def scheduler_reserves() -> int:
-    """How many times llama.cpp has re-reserved a context's compute scheduler (from its log):
-    what a change of the adapter set costs on the next decode, unless the build carries
-    edgeft's patch and the new set has the old one's shapes."""
-    return _reserves
+    """How many times llama.cpp has (re-)reserved a context's compute scheduler: what a change of
+    the adapter set costs on the next decode, unless the build carries edgeft's patch 0001 and
+    the new set has the old one's shapes. Patch 0001 counts them (`edgeft_llama_sched_reserves`);
+    on a stock build this counts llama.cpp's log lines instead."""
+    fn = getattr(llama_cpp.llama_cpp._lib, "edgeft_llama_sched_reserves", None)
+    if fn is None:
+        return _reserves
+    fn.restype, fn.argtypes = ctypes.c_uint64, []
+    return int(fn())
 
 
 def patch_level() -> int:

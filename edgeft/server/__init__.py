@@ -19,7 +19,7 @@ from .auth import is_loopback
 from .errors import ApiError
 from .listen import bind_socket, serve
 from .requests import GenRequest
-from .scheduler import AFFINITY_SKIPS, Counters, Job, Worker
+from .scheduler import AFFINITY_SKIPS, COUNTERS, Job, Worker
 
-__all__ = ["AFFINITY_SKIPS", "ApiError", "Counters", "GenRequest", "Job", "Server", "ServerConfig", "Worker",
+__all__ = ["AFFINITY_SKIPS", "ApiError", "COUNTERS", "GenRequest", "Job", "Server", "ServerConfig", "Worker",
            "bind_socket", "create_app", "is_loopback", "serve"]

@@ -306,10 +306,8 @@ class Server:
 
     async def health(self, request: Request) -> Response:
         w = self.worker
-        c = w.counters
         return JSONResponse({"status": "ok", "busy": w.busy, "running": w.running, "queued": w.queued,
-                             "parallel": self.engine.parallel, "largest_batch": w.peak, "served": c.served,
-                             "cancelled": c.cancelled, "rejected": c.rejected, "errors": c.errors,
+                             "parallel": self.engine.parallel, "largest_batch": w.peak, **w.counters,
                              "prompt_cache": self.engine.prompt_cache.report()})
 
     def begin_shutdown(self) -> None:

@@ -79,13 +79,7 @@ class Job:
             self.cancelled.set()
 
 
-@dataclass
-class Counters:
-    served: int = 0
-    cancelled: int = 0
-    rejected: int = 0
-    errors: int = 0
-    busy_s: float = 0.0
+COUNTERS = ("served", "cancelled", "rejected", "errors")   # the request outcomes /health reports
 
 
 class Worker:
@@ -93,7 +87,8 @@ class Worker:
         self.engine = engine
         self.queue_size = queue_size
         self.planner = planner
-        self.counters = Counters()
+        self.counters = dict.fromkeys(COUNTERS, 0)
+        self.busy_s = 0.0                      # seconds the worker spent on jobs
         self._pending: deque[Job] = deque()
         self._cond = threading.Condition()
         self._running: dict[Any, Job] = {}     # Answer (or the job itself for a plain job) -> Job
@@ -119,14 +114,14 @@ class Worker:
 
     def count(self, what: str) -> None:
         with self._cond:
-            setattr(self.counters, what, getattr(self.counters, what) + 1)
+            self.counters[what] += 1
 
     def submit(self, job: Job) -> Job:
         with self._cond:
             if self._stopping:
                 raise _shutting_down()
             if len(self._pending) >= self.queue_size:
-                self.counters.rejected += 1
+                self.counters["rejected"] += 1
                 raise ApiError(503, f"the server is busy ({len(self._pending)} requests waiting); retry shortly",
                                type="server_error", code="server_overloaded", headers={"Retry-After": "1"})
             self._pending.append(job)
@@ -141,7 +136,7 @@ class Worker:
         with self._cond:
             try:
                 self._pending.remove(job)
-                self.counters.cancelled += 1
+                self.counters["cancelled"] += 1
             except ValueError:
                 pass
 
@@ -197,7 +192,7 @@ class Worker:
             except Exception as e:
                 self._fail(job, e)
             finally:
-                self.counters.busy_s += time.perf_counter() - t0
+                self.busy_s += time.perf_counter() - t0
                 with self._cond:
                     self._running.clear()
 
