@@ -238,3 +238,27 @@ def test_chat_ctrl_c_stops_answer_not_session(tiny):
     assert p.returncode == 0, err
     assert "[stopped]" in out
     assert "swaps" in out  # the session went on and answered /stats
+
+
+def test_engine_options_reach_the_command_as_one_object():
+    """run and chat get --ctx, --threads, ... from one definition (cli/common.engine_options)."""
+    import typer
+    from typer.testing import CliRunner
+
+    from edgeft.cli.common import EngineOptions, engine_options
+
+    seen = []
+
+    def cmd(text: str = typer.Argument("x"), *, opts: EngineOptions) -> None:
+        seen.append((text, opts))
+
+    app = typer.Typer()
+    app.command()(engine_options(ctx=4096)(cmd))
+    r = CliRunner().invoke(app, ["hi", "--ctx", "123", "-t", "2", "--adapter-dir", "d1", "--adapter-dir", "d2",
+                                 "--prompt-cache-mb", "0", "--force"])
+    assert r.exit_code == 0, r.output
+    assert seen[-1] == ("hi", EngineOptions(ctx=123, threads=2, adapter_dir=["d1", "d2"], prompt_cache_mb=0.0,
+                                            force=True))
+    r = CliRunner().invoke(app, [])
+    assert r.exit_code == 0 and seen[-1] == ("x", EngineOptions(ctx=4096))   # the command's own default
+    assert CliRunner().invoke(app, ["--ctx", "many"]).exit_code != 0

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+import functools
+import inspect
+import typing
+from dataclasses import dataclass, fields
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 
@@ -53,3 +57,47 @@ def open_engine(base: str | None, *, ctx: int = 2048, threads: int | None = None
                       flash_attn=flash_attn, prompt_cache_mb=prompt_cache_mb, parallel=parallel)
     finally:
         close()
+
+
+@dataclass
+class EngineOptions:
+    """The engine options `run` and `chat` share (see `engine_options`)."""
+
+    ctx: Ctx = 2048
+    threads: Threads = None
+    gpu_layers: GpuLayers = 0
+    flash_attn: FlashAttn = False
+    adapter_dir: AdapterDir = None
+    memory_budget: MemoryBudget = None
+    prompt_cache_mb: PromptCacheMB = 32.0
+    force: Force = False
+
+    def open(self, base: str | None):
+        return open_engine(base, ctx=self.ctx, threads=self.threads, gpu_layers=self.gpu_layers,
+                           adapter_dirs=self.adapter_dir, memory_budget=self.memory_budget,
+                           flash_attn=self.flash_attn, prompt_cache_mb=self.prompt_cache_mb)
+
+
+def engine_options(ctx: int = 2048) -> Callable:
+    """Give a typer command the EngineOptions flags (--ctx, --threads, ...), written once here;
+    the command receives them as its `opts` argument."""
+    hints = typing.get_type_hints(EngineOptions, include_extras=True)
+    extra = [inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=hints[f.name],
+                               default=ctx if f.name == "ctx" else f.default) for f in fields(EngineOptions)]
+
+    def wrap(command: Callable) -> Callable:
+        own_hints = typing.get_type_hints(command, localns={"EngineOptions": EngineOptions}, include_extras=True)
+        own = [p.replace(annotation=own_hints.get(p.name, p.annotation))
+               for p in inspect.signature(command).parameters.values() if p.name != "opts"]
+
+        @functools.wraps(command)
+        def cli(**kw: Any) -> Any:
+            opts = EngineOptions(**{p.name: kw.pop(p.name) for p in extra})
+            return command(**kw, opts=opts)
+
+        del cli.__wrapped__      # typer reads the signature below, not the command's own
+        cli.__signature__ = inspect.Signature(own + extra, return_annotation=None)
+        cli.__annotations__ = {p.name: p.annotation for p in own + extra}
+        return cli
+
+    return wrap

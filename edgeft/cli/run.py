@@ -9,8 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import EdgeftError, InputError
-from .common import (Adapter, AdapterDir, Base, Ctx, FlashAttn, Force, GpuLayers, MemoryBudget, PromptCacheMB,
-                     Threads, open_engine)
+from .common import Adapter, Base, EngineOptions, engine_options
 
 
 def _load_adapters(eng, adapters: list[str] | None, force: bool) -> dict:
@@ -57,14 +56,8 @@ def run(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the answer and timings.")] = False,
     jsonl: Annotated[bool, typer.Option("--jsonl", help="Read one request per stdin line: {\"text\": ..., \"adapter\": ...}; print one JSON result per line (waiting lines with the same adapter are answered in one batch).")] = False,
     task_card: Annotated[Optional[str], typer.Option("--task-card", help="Task card JSON (or a bundle's adapter.json) to answer under: gives a merged model or the bare base a task's prompt and output constraint.")] = None,
-    ctx: Ctx = 2048,
-    threads: Threads = None,
-    gpu_layers: GpuLayers = 0,
-    flash_attn: FlashAttn = False,
-    adapter_dir: AdapterDir = None,
-    memory_budget: MemoryBudget = None,
-    prompt_cache_mb: PromptCacheMB = 32.0,
-    force: Force = False,
+    *,
+    opts: EngineOptions,
 ) -> None:
     """Answer one input (or a JSONL batch), honouring the adapter's task card."""
     if jsonl:
@@ -76,11 +69,8 @@ def run(
         if not text.strip():
             raise InputError("empty input", 'pass TEXT, e.g. edgeft run "Hello", or pipe it on stdin')
     task = read_task(task_card) if task_card else None
-    eng = open_engine(base, ctx=ctx, threads=threads, gpu_layers=gpu_layers, adapter_dirs=adapter_dir,
-                      memory_budget=memory_budget, flash_attn=flash_attn,
-                      prompt_cache_mb=prompt_cache_mb)
-    with eng:
-        active = _load_adapters(eng, adapter, force)
+    with opts.open(base) as eng:
+        active = _load_adapters(eng, adapter, opts.force)
         gen = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
         if task is not None:
             gen["task"] = task
@@ -118,21 +108,12 @@ def chat(
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", "-n", help="Default: the task card's, else 512.")] = None,
     temperature: Annotated[Optional[float], typer.Option("--temperature")] = None,
     system: Annotated[Optional[str], typer.Option("--system", help="System prompt for plain chat (no task adapter).")] = None,
-    ctx: Ctx = 4096,
-    threads: Threads = None,
-    gpu_layers: GpuLayers = 0,
-    flash_attn: FlashAttn = False,
-    adapter_dir: AdapterDir = None,
-    memory_budget: MemoryBudget = None,
-    prompt_cache_mb: PromptCacheMB = 32.0,
-    force: Force = False,
+    *,
+    opts: EngineOptions,
 ) -> None:
     """Interactive chat, streamed; adapters switch with /use without reloading the base."""
-    eng = open_engine(base, ctx=ctx, threads=threads, gpu_layers=gpu_layers, adapter_dirs=adapter_dir,
-                      memory_budget=memory_budget, flash_attn=flash_attn,
-                      prompt_cache_mb=prompt_cache_mb)
-    with eng:
-        active = _load_adapters(eng, adapter, force)
+    with opts.open(base) as eng:
+        active = _load_adapters(eng, adapter, opts.force)
         typer.secho(f"edgeft chat: base {eng.base.id}, adapters {_fmt(active)}. /help for commands.", dim=True)
         history: list[dict] = []
         while True:
@@ -227,5 +208,5 @@ def _slash(eng, line: str, history: list) -> str | None:
 
 
 def register(app: typer.Typer) -> None:
-    app.command(name="run")(run)
-    app.command(name="chat")(chat)
+    app.command(name="run")(engine_options(ctx=2048)(run))
+    app.command(name="chat")(engine_options(ctx=4096)(chat))
