@@ -334,6 +334,7 @@ def test_bad_input_gets_openai_errors_never_500(server):
         ({**ok, "stop": ["x"] * 17}, "stop"), ({**ok, "stop": "x" * 257}, "stop"), ({**ok, "stop": "\ud800"}, "stop"),
         ({**ok, "messages": [{"role": "user", "content": "a\ud800b"}]}, "messages"), ({**ok, "top_k": 10 ** 30}, "top_k"),
         ({**ok, "seed": "x"}, "seed"), ({**ok, "n": 2}, "n"), ({**ok, "stream": "yes"}, "stream"),
+        ({**ok, "ignore_eos": "yes"}, "ignore_eos"),
         ({**ok, "adapters": {"c": "big"}}, "adapters"), ({**ok, "adapters": 7}, "adapters"),
         ({**ok, "response_format": {"type": "xml"}}, "response_format"),
         ({**ok, "response_format": {"type": "json_schema", "json_schema": {"schema": {"$ref": "https://example.com/s.json"}}}}, "response_format"),
