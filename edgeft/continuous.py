@@ -141,14 +141,18 @@ class ContinuousBatch:
             raise InputError("no room in the batch for this request", "wait for an answer to finish")
         t0 = time.perf_counter()
         e, b = self._e, self._b
+        sampler = b.sampler(values)      # a grammar that does not parse fails here, before any work
         keep = self._shared(tokens)
         reused = keep
         if not self.answers:   # nothing depends on sequence 0: give it this prompt's head
-            reused = e._place_prefix(tokens[:max(0, len(tokens) - 2)])
+            try:
+                reused = e._place_prefix(tokens[:max(0, len(tokens) - 2)])
+            except BaseException:
+                sampler.close()
+                raise
             keep = self._shared(tokens)
         limit = self._limit(tokens, max_tokens)
         seq = self._free.pop()
-        sampler = b.sampler(values)
         if keep:
             b.memory_seq_copy(0, seq, 0, keep)
         a = Answer(tokens, limit, list(stop or []), seq,

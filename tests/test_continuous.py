@@ -212,3 +212,16 @@ def _common(a: str, b: str) -> str:
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
     return a[:n]
+
+
+def test_a_grammar_that_does_not_parse_takes_no_slot(tiny_engine):
+    toks = tiny_engine.tokenize(PROMPTS[0])
+    with tiny_engine.batch() as cb:
+        for _ in range(tiny_engine.parallel + 2):
+            with pytest.raises(InputError, match="grammar"):
+                cb.add(toks, max_tokens=4, grammar="root ::= (")
+        assert cb.slots == tiny_engine.parallel and not cb.answers
+        ok = cb.add(toks, max_tokens=4)
+        while cb.answers:
+            cb.step()
+    assert ok.gen.completion_tokens == 4 or ok.gen.finish_reason == "stop"
