@@ -149,6 +149,8 @@ def test_same_shape_swaps_are_exact_and_skip_the_reserve_when_patched(tiny_base,
         np.testing.assert_array_equal(e.logits(toks, adapter={"s2": 1.0}), expected[("s2", 1.0)])
     if _llama.patch_level() >= 1:
         assert same_shape_reserves == 0
+        # patch 0001 counts the reserves itself (no log text read)
+        assert hasattr(_llama.llama_cpp.llama_cpp._lib, "edgeft_llama_sched_reserves")
     else:  # a stock build re-reserves on every change of the set (the first entry is no change)
         assert same_shape_reserves == sum(a != b for a, b in zip([("s1", 1.0)] + sels, sels)) == 4
 
