@@ -132,22 +132,19 @@ def _num(x, lo=0.0, hi=math.inf, strict=True):
 
 
 def test_concurrency_phase_on_the_tiny_base(tiny_base, tmp_path):
-    """The real server in this process under concurrent clients: whole answers, shared steps."""
-    from edgeft import Engine
+    """`edgeft serve` in its own process under concurrent clients: whole answers, shared steps."""
     from edgeft.bench.concurrency import concurrency_phase
 
-    with Engine(str(tiny_base), n_ctx=4096, n_threads=1) as eng:
-        for i in range(2):
-            eng.load_adapter(str(bench.write_random_adapter(tmp_path / f"r{i}.gguf", tiny_base, seed=i)), name=f"r{i}")
-        said = []
-        cc = concurrency_phase(eng, ["r0", "r1"], requests=2, say=said.append, clients=(1, 4), answer_tokens=300)
-        assert eng.prompt_cache.enabled                           # put back after the cache-off loads
+    paths = [bench.write_random_adapter(tmp_path / f"r{i}.gguf", tiny_base, seed=i) for i in range(2)]
+    said = []
+    cc = concurrency_phase(tiny_base, paths, threads=1, ctx=4096, requests=2, say=said.append, clients=(1, 4),
+                           answer_tokens=300)
     assert set(cc["edgeft"]) == {"same_1_cache_on", "same_4_cache_on", "same_4_cache_off", "mixed_1_cache_on",
                                  "mixed_4_cache_on", "mixed_4_cache_off"}
     for v in cc["edgeft"].values():
         assert v["completion_tokens"] == v["requests"] * 300 and v["latency_s"]["n"] == v["requests"]
-    assert cc["edgeft"]["same_4_cache_on"]["largest_batch"] >= 2
-    assert cc["edgeft"]["same_1_cache_on"]["largest_batch"] == 1
+    assert cc["edgeft"]["same_4_cache_on"]["largest_batch"] >= 2      # the 4 clients shared decode steps
+    assert cc["edgeft"]["same_1_cache_on"]["largest_batch"] <= 1
     assert "eight_over_one_same" not in cc and any("4 client(s)" in m for m in said)
 
 

@@ -1,12 +1,12 @@
-"""The concurrency phase: edgeft's own HTTP server, in this process on a loopback port, under 1, 4
-and 8 concurrent clients; optionally llama.cpp's `llama-server` under the same load.
+"""The concurrency phase: `edgeft serve`, in its own process on a loopback port, under 1, 4 and 8
+concurrent clients; optionally llama.cpp's `llama-server` under the same load.
 
 Each client sends `requests` chat requests one after another (a fixed system prompt, a short user
 input, `answer_tokens` greedy tokens). Loads: every request for the first adapter ("same"), or
 the two first adapters alternating from request to request and client to client ("mixed"); the
 8-client loads also run with the prompt cache off. Reported per load: generated tokens per
-second over the load's wall time, request latency p50 / p90, and the edgeft server's largest
-batch. llama-server (`--llama-server PATH`, built from the same llama.cpp) gets the same model,
+second over the load's wall time, request latency p50 / p90, and the most answers the edgeft
+server decoded at once (its /health `running`, polled). llama-server (`--llama-server PATH`, built from the same llama.cpp) gets the same model,
 threads and adapters (`--lora`, chosen per request with its `lora` field) and `-np` = clients.
 """
 
@@ -16,8 +16,11 @@ import contextlib
 import http.client
 import json
 import os
+import re
 import socket
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -83,29 +86,74 @@ def _messages(i: int, j: int) -> list[dict]:
 
 
 @contextlib.contextmanager
-def edgeft_server(eng: Any):
-    """The real edgeft server (starlette app under uvicorn) for `eng`, on a free loopback port."""
-    import uvicorn
+def edgeft_server(base: Path, adapters: Sequence[Path], *, threads: int, ctx: int, parallel: int,
+                  prompt_cache_mb: float = 32.0):
+    """`edgeft serve` in its own process (as users run it: its threads do not share this
+    process's interpreter with the clients) on a free loopback port; yields (port, adapter names
+    in the order given)."""
+    cmd = [sys.executable, "-m", "edgeft", "serve", "--base", str(base), "--port", "0", "--threads", str(threads),
+           "--ctx", str(ctx), "--parallel", str(parallel), "--prompt-cache-mb", str(prompt_cache_mb),
+           "--queue", "256", "--max-tokens-limit", "4096", "--log-level", "warning"]
+    for a in adapters:
+        cmd += ["--adapter", str(a)]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            port, names = _wait_for_banner(proc, out, err)
+            yield port, names
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
-    from ..server import ServerConfig, bind_socket
-    from ..server.app import Server
 
-    sock = bind_socket("127.0.0.1", 0)
-    srv = Server(eng, ServerConfig(queue_size=256, max_tokens_limit=4096))
-    userver = uvicorn.Server(uvicorn.Config(srv.app(), log_level="error", lifespan="on", access_log=False))
-    thread = threading.Thread(target=userver.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not userver.started:
-            if time.monotonic() > deadline or not thread.is_alive():
-                raise RuntimeError("the edgeft server did not start")
-            time.sleep(0.02)
-        yield srv, sock.getsockname()[1]
-    finally:
-        userver.should_exit = True
-        thread.join(30)
-        sock.close()
+def _wait_for_banner(proc: subprocess.Popen, out, err) -> tuple[int, list[str]]:
+    """The port and adapter names from `edgeft serve`'s first line, once /health answers."""
+    deadline = time.monotonic() + 180
+    while True:
+        if proc.poll() is not None:
+            err.seek(0)
+            raise InputError(f"edgeft serve exited with code {proc.returncode}: {err.read().strip()[-300:]}")
+        if time.monotonic() > deadline:
+            raise InputError("edgeft serve did not start within 180 s")
+        out.seek(0)
+        m = re.search(r"http://127\.0\.0\.1:(\d+)/v1 .*adapters loaded: (.*?)(, API key required)?\. Ctrl-C stops\.",
+                      out.read())
+        if m:
+            port = int(m.group(1))
+            with contextlib.suppress(OSError):
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                conn.request("GET", "/health")
+                if conn.getresponse().status == 200:
+                    return port, [n.strip() for n in m.group(2).split(",") if n.strip() and n.strip() != "none"]
+        time.sleep(0.1)
+
+
+class _Peak:
+    """The most answers the edgeft server decoded at once during a load (polls /health)."""
+
+    def __init__(self, port: int):
+        self.port, self.value = port, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.05):
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+                conn.request("GET", "/health")
+                self.value = max(self.value, int(json.loads(conn.getresponse().read())["running"]))
+
+    def __enter__(self) -> "_Peak":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(10)
 
 
 def _free_port() -> int:
@@ -149,40 +197,36 @@ def llama_server(binary: str | os.PathLike, base: Path, adapters: Sequence[Path]
             proc.kill()
 
 
-def concurrency_phase(eng: Any, names: Sequence[str], *, requests: int, say, clients: Sequence[int] = CLIENTS,
-                      answer_tokens: int = ANSWER_TOKENS, llama_server_bin: str | os.PathLike | None = None,
-                      adapter_paths: Sequence[Path] = ()) -> dict:
-    """{load: result} for edgeft's server (and llama-server when given), plus the ratios."""
-    from ..prompt_cache import PromptCache
-
-    pair = list(names[:2]) if len(names) > 1 else [names[0], names[0]]
-
-    def edgeft_body(mixed: bool) -> Callable[[int, int], dict]:
-        return lambda i, j: {"model": pair[(i + j) % 2] if mixed else pair[0], "messages": _messages(i, j),
-                             "max_tokens": answer_tokens, "temperature": 0.0, "ignore_eos": True}
-
-    out: dict[str, Any] = {"answer_tokens": answer_tokens, "requests_per_client": requests,
-                           "parallel": eng.parallel, "edgeft": {}}
-    saved = eng.prompt_cache
-    try:
-        with edgeft_server(eng) as (srv, port):
+def concurrency_phase(base: Path, adapters: Sequence[Path], *, threads: int, ctx: int, requests: int, say,
+                      clients: Sequence[int] = CLIENTS, answer_tokens: int = ANSWER_TOKENS, parallel: int = 8,
+                      llama_server_bin: str | os.PathLike | None = None) -> dict:
+    """{load: result} for edgeft's server (and llama-server when given), plus the ratios. The
+    first two adapters are the pair of the "mixed" loads (one adapter: both loads use it)."""
+    out: dict[str, Any] = {"answer_tokens": answer_tokens, "requests_per_client": requests, "parallel": parallel,
+                           "threads": threads, "ctx": ctx, "edgeft": {}}
+    for cache_mb in (32.0, 0.0):
+        cache = "on" if cache_mb else "off"
+        with edgeft_server(base, adapters[:2], threads=threads, ctx=ctx, parallel=parallel,
+                           prompt_cache_mb=cache_mb) as (port, names):
+            pair = names[:2] if len(names) > 1 else names * 2
             for mode in ("same", "mixed"):
-                for n in clients:
-                    for cache in (("on", "off") if n == max(clients) else ("on",)):
-                        eng.prompt_cache = saved if cache == "on" else PromptCache(0.0)
-                        say(f"concurrency, edgeft server, {n} client(s), {mode} adapters, prompt cache {cache}")
-                        run_load(port, 1, 1, edgeft_body(mode == "mixed"))   # warm-up
-                        srv.worker.peak = 0
-                        r = run_load(port, n, requests, edgeft_body(mode == "mixed"))
-                        r["largest_batch"] = srv.worker.peak
-                        out["edgeft"][f"{mode}_{n}_cache_{cache}"] = r
-    finally:
-        eng.prompt_cache = saved
+                for n in (clients if cache_mb else [max(clients)]):
+                    say(f"concurrency, edgeft server, {n} client(s), {mode} adapters, prompt cache {cache}")
+
+                    def body(i: int, j: int, mixed: bool = mode == "mixed") -> dict:
+                        return {"model": pair[(i + j) % 2] if mixed else pair[0], "messages": _messages(i, j),
+                                "max_tokens": answer_tokens, "temperature": 0.0, "ignore_eos": True}
+
+                    run_load(port, 1, 1, body)   # warm-up
+                    with _Peak(port) as peak:
+                        r = run_load(port, n, requests, body)
+                    r["largest_batch"] = peak.value
+                    out["edgeft"][f"{mode}_{n}_cache_{cache}"] = r
     top, one = out["edgeft"].get(f"same_{max(clients)}_cache_on"), out["edgeft"].get(f"same_{min(clients)}_cache_on")
     if top and one and max(clients) == 8 and min(clients) == 1:
         out["eight_over_one_same"] = _ratio(top["tps"], one["tps"])
     if llama_server_bin:
-        out["llama_server"] = _llama_server_loads(eng, pair, names, adapter_paths, llama_server_bin, requests,
+        out["llama_server"] = _llama_server_loads(base, adapters[:2], llama_server_bin, threads, ctx, requests,
                                                   clients, answer_tokens, say)
         for key, r in out["llama_server"].items():
             mine = out["edgeft"].get(f"{key}_cache_on")
@@ -191,22 +235,20 @@ def concurrency_phase(eng: Any, names: Sequence[str], *, requests: int, say, cli
     return out
 
 
-def _llama_server_loads(eng, pair, names, adapter_paths, binary, requests, clients, answer_tokens, say) -> dict:
-    ids = {n: i for i, n in enumerate(names)}
+def _llama_server_loads(base, adapters, binary, threads, ctx, requests, clients, answer_tokens, say) -> dict:
     res: dict[str, Any] = {}
+    n_lora = len(adapters)
     for n in clients:
-        with llama_server(binary, Path(eng.base.path), adapter_paths, threads=eng.n_threads, ctx=eng.n_ctx,
-                          parallel=n) as port:
+        with llama_server(binary, Path(base), adapters, threads=threads, ctx=ctx, parallel=n) as port:
             for mode in ("same", "mixed"):
                 say(f"concurrency, llama-server, {n} client(s), {mode} adapters")
 
-                def body(i: int, j: int, mixed=mode == "mixed") -> dict:
-                    name = pair[(i + j) % 2] if mixed else pair[0]
-                    lora = [{"id": k, "scale": 1.0 if k == ids[name] else 0.0} for k in range(len(names))]
+                def body(i: int, j: int, mixed: bool = mode == "mixed") -> dict:
+                    k = (i + j) % 2 if mixed and n_lora > 1 else 0
+                    lora = [{"id": x, "scale": 1.0 if x == k else 0.0} for x in range(n_lora)]
                     return {"model": "base", "messages": _messages(i, j), "max_tokens": answer_tokens,
                             "temperature": 0.0, "lora": lora, "cache_prompt": True, "ignore_eos": True}
 
                 run_load(port, 1, 1, body)
                 res[f"{mode}_{n}"] = run_load(port, n, requests, body)
     return res
-

@@ -101,9 +101,9 @@ def run_bench(base: str | None = None, adapters: Sequence[str] | None = None, *,
             res["batch"] = batch_phase(run.eng, run.selections()[0], 1 if run.quick else run.reps, run.say)
             if concurrency:
                 res["concurrency"] = concurrency_phase(
-                    run.eng, run.names, requests=1 if run.quick else 3, say=run.say,
-                    clients=(1, 8) if run.quick else CLIENTS, llama_server_bin=llama_server,
-                    adapter_paths=[p for _, p, _ in run.refs])
+                    run.base_path, [p for _, p, _ in run.refs], threads=run.prof.threads, ctx=run.prof.n_ctx,
+                    requests=1 if run.quick else 3, say=run.say, clients=(1, 8) if run.quick else CLIENTS,
+                    llama_server_bin=llama_server)
             merged = _merged_model(run)
             res.update(_decode(run, lb_bin, merged))
             res["merged"] = merged
