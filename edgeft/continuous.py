@@ -188,6 +188,10 @@ class ContinuousBatch:
             a.todo += k
         if not rows:
             return touched
+        n = len(self.answers)
+        for a in self.answers:
+            if n > a.gen.batch_size:
+                a.gen.batch_size = n
         self._b.decode_seqs([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows])
         for row, r in enumerate(rows):
             a = r[4]

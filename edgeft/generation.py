@@ -17,6 +17,7 @@ class Generation:
     decode_tps: float
     adapters: dict[str, float]
     reused_prefix: int = 0        # prompt tokens whose K/V were reused
+    batch_size: int = 1           # most answers decoded together while this one ran (continuous batching)
     value: Any = None             # parsed answer for task cards (label, JSON, text)
 
 

@@ -50,6 +50,7 @@ def test_answers_joining_mid_decode_equal_their_solo_answers(tiny_engine):
     assert max(calls) > 6                          # several answers (and prompts) in one decode
     assert all(a.done and a.gen.finish_reason == w.finish_reason for a, w in zip(got, want))
     assert got[1].gen.reused_prefix > 0            # it shared the chat head with sequence 0
+    assert got[0].gen.batch_size == 6 and got[5].gen.batch_size >= 3
 
 
 def test_cancelling_one_answer_leaves_the_others_untouched(tiny_engine):

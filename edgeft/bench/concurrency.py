@@ -6,7 +6,8 @@ input, `answer_tokens` greedy tokens). Loads: every request for the first adapte
 the two first adapters alternating from request to request and client to client ("mixed"); the
 8-client loads also run with the prompt cache off. Reported per load: generated tokens per
 second over the load's wall time, request latency p50 / p90, and the most answers the edgeft
-server decoded at once (its /health `running`, polled). llama-server (`--llama-server PATH`, built from the same llama.cpp) gets the same model,
+server decoded together (each answer's `edgeft.batch_size`; nothing polls the server, whose
+threads need both cores). llama-server (`--llama-server PATH`, built from the same llama.cpp) gets the same model,
 threads and adapters (`--lora`, chosen per request with its `lora` field) and `-np` = clients.
 """
 
@@ -51,6 +52,7 @@ def run_load(port: int, clients: int, requests: int, body_for: Callable[[int, in
     """`clients` threads, each sending `requests` requests in turn; tok/s over the whole load."""
     lat: list[float] = []
     tokens = [0]
+    batch = [0]
     errors: list[str] = []
     lock = threading.Lock()
 
@@ -66,6 +68,7 @@ def run_load(port: int, clients: int, requests: int, body_for: Callable[[int, in
             with lock:
                 lat.append(time.perf_counter() - t0)
                 tokens[0] += int(out["usage"]["completion_tokens"])
+                batch[0] = max(batch[0], int((out.get("edgeft") or {}).get("batch_size") or 0))
 
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
     t0 = time.perf_counter()
@@ -78,7 +81,7 @@ def run_load(port: int, clients: int, requests: int, body_for: Callable[[int, in
         raise RuntimeError(f"{len(errors)} request(s) failed: {errors[0]}")
     return {"clients": clients, "requests": clients * requests, "completion_tokens": tokens[0],
             "wall_s": wall, "tps": tokens[0] / wall if wall > 0 else None,
-            "latency_s": dist(lat)}
+            "latency_s": dist(lat), "largest_batch": batch[0] or None}
 
 
 def _messages(i: int, j: int) -> list[dict]:
@@ -130,30 +133,6 @@ def _wait_for_banner(proc: subprocess.Popen, out, err) -> tuple[int, list[str]]:
                 if conn.getresponse().status == 200:
                     return port, [n.strip() for n in m.group(2).split(",") if n.strip() and n.strip() != "none"]
         time.sleep(0.1)
-
-
-class _Peak:
-    """The most answers the edgeft server decoded at once during a load (polls /health)."""
-
-    def __init__(self, port: int):
-        self.port, self.value = port, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-
-    def _poll(self) -> None:
-        while not self._stop.wait(0.05):
-            with contextlib.suppress(OSError, ValueError, KeyError):
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-                conn.request("GET", "/health")
-                self.value = max(self.value, int(json.loads(conn.getresponse().read())["running"]))
-
-    def __enter__(self) -> "_Peak":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(10)
 
 
 def _free_port() -> int:
@@ -218,10 +197,7 @@ def concurrency_phase(base: Path, adapters: Sequence[Path], *, threads: int, ctx
                                 "max_tokens": answer_tokens, "temperature": 0.0, "ignore_eos": True}
 
                     run_load(port, 1, 1, body)   # warm-up
-                    with _Peak(port) as peak:
-                        r = run_load(port, n, requests, body)
-                    r["largest_batch"] = peak.value
-                    out["edgeft"][f"{mode}_{n}_cache_{cache}"] = r
+                    out["edgeft"][f"{mode}_{n}_cache_{cache}"] = run_load(port, n, requests, body)
     top, one = out["edgeft"].get(f"same_{max(clients)}_cache_on"), out["edgeft"].get(f"same_{min(clients)}_cache_on")
     if top and one and max(clients) == 8 and min(clients) == 1:
         out["eight_over_one_same"] = _ratio(top["tps"], one["tps"])

@@ -13,7 +13,8 @@ from .scheduler import Job
 
 
 def _ext(job: Job, gen) -> dict:
-    return {"adapters": gen.adapters, "reused_prefix": gen.reused_prefix, "ttft_ms": round(gen.ttft_ms, 2),
+    return {"adapters": gen.adapters, "reused_prefix": gen.reused_prefix, "batch_size": gen.batch_size,
+            "ttft_ms": round(gen.ttft_ms, 2),
             "decode_tps": round(gen.decode_tps, 1), "queue_ms": round((job.started - job.enqueued) * 1e3, 2)}
 
 
