@@ -90,13 +90,13 @@ def _messages(i: int, j: int) -> list[dict]:
 
 @contextlib.contextmanager
 def edgeft_server(base: Path, adapters: Sequence[Path], *, threads: int, ctx: int, parallel: int,
-                  prompt_cache_mb: float = 32.0):
+                  prompt_cache_mb: float = 32.0, flash_attn: bool = False):
     """`edgeft serve` in its own process (as users run it: its threads do not share this
     process's interpreter with the clients) on a free loopback port; yields (port, adapter names
     in the order given)."""
     cmd = [sys.executable, "-m", "edgeft", "serve", "--base", str(base), "--port", "0", "--threads", str(threads),
            "--ctx", str(ctx), "--parallel", str(parallel), "--prompt-cache-mb", str(prompt_cache_mb),
-           "--queue", "256", "--max-tokens-limit", "4096", "--log-level", "warning"]
+           "--queue", "256", "--max-tokens-limit", "4096", "--log-level", "warning"] + (["--flash-attn"] if flash_attn else [])
     for a in adapters:
         cmd += ["--adapter", str(a)]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
@@ -143,12 +143,13 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def llama_server(binary: str | os.PathLike, base: Path, adapters: Sequence[Path], *, threads: int, ctx: int,
-                 parallel: int):
-    """llama.cpp's llama-server on the same model, threads and adapters (none applied by default)."""
+                 parallel: int, flash_attn: bool = False):
+    """llama.cpp's llama-server on the same model, threads, adapters (none applied by default) and
+    attention kernel (its default, `-fa auto`, turns flash attention on; edgeft's is off)."""
     port = _free_port()
     cmd = [str(binary), "-m", str(base), "--port", str(port), "--host", "127.0.0.1", "-t", str(threads),
            "-tb", str(threads), "-c", str(ctx), "-np", str(parallel), "--lora-init-without-apply",
-           "--no-webui", "-lv", "0"]
+           "--no-webui", "-lv", "0", "-fa", "on" if flash_attn else "off"]
     for a in adapters:
         cmd += ["--lora", str(a)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -178,15 +179,16 @@ def llama_server(binary: str | os.PathLike, base: Path, adapters: Sequence[Path]
 
 def concurrency_phase(base: Path, adapters: Sequence[Path], *, threads: int, ctx: int, requests: int, say,
                       clients: Sequence[int] = CLIENTS, answer_tokens: int = ANSWER_TOKENS, parallel: int = 8,
-                      llama_server_bin: str | os.PathLike | None = None) -> dict:
+                      llama_server_bin: str | os.PathLike | None = None, flash_attn: bool = False,
+                      cache_off: bool = True) -> dict:
     """{load: result} for edgeft's server (and llama-server when given), plus the ratios. The
     first two adapters are the pair of the "mixed" loads (one adapter: both loads use it)."""
     out: dict[str, Any] = {"answer_tokens": answer_tokens, "requests_per_client": requests, "parallel": parallel,
-                           "threads": threads, "ctx": ctx, "edgeft": {}}
-    for cache_mb in (32.0, 0.0):
+                           "threads": threads, "ctx": ctx, "flash_attn": flash_attn, "edgeft": {}}
+    for cache_mb in ((32.0, 0.0) if cache_off else (32.0,)):
         cache = "on" if cache_mb else "off"
         with edgeft_server(base, adapters[:2], threads=threads, ctx=ctx, parallel=parallel,
-                           prompt_cache_mb=cache_mb) as (port, names):
+                           prompt_cache_mb=cache_mb, flash_attn=flash_attn) as (port, names):
             pair = names[:2] if len(names) > 1 else names * 2
             for mode in ("same", "mixed"):
                 for n in (clients if cache_mb else [max(clients)]):
@@ -203,7 +205,7 @@ def concurrency_phase(base: Path, adapters: Sequence[Path], *, threads: int, ctx
         out["eight_over_one_same"] = _ratio(top["tps"], one["tps"])
     if llama_server_bin:
         out["llama_server"] = _llama_server_loads(base, adapters[:2], llama_server_bin, threads, ctx, requests,
-                                                  clients, answer_tokens, say)
+                                                  clients, answer_tokens, say, flash_attn)
         for key, r in out["llama_server"].items():
             mine = out["edgeft"].get(f"{key}_cache_on")
             if mine:
@@ -211,11 +213,13 @@ def concurrency_phase(base: Path, adapters: Sequence[Path], *, threads: int, ctx
     return out
 
 
-def _llama_server_loads(base, adapters, binary, threads, ctx, requests, clients, answer_tokens, say) -> dict:
+def _llama_server_loads(base, adapters, binary, threads, ctx, requests, clients, answer_tokens, say,
+                        flash_attn) -> dict:
     res: dict[str, Any] = {}
     n_lora = len(adapters)
     for n in clients:
-        with llama_server(binary, Path(base), adapters, threads=threads, ctx=ctx, parallel=n) as port:
+        with llama_server(binary, Path(base), adapters, threads=threads, ctx=ctx, parallel=n,
+                          flash_attn=flash_attn) as port:
             for mode in ("same", "mixed"):
                 say(f"concurrency, llama-server, {n} client(s), {mode} adapters")
 
