@@ -18,7 +18,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from .errors import ModelError
 from .files import sha256_file
@@ -33,8 +33,9 @@ _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 _HINT_REF = "write it as hf:OWNER/REPO/FILE.gguf, optionally @REVISION (branch, tag or commit)"
 
 
-@dataclass(frozen=True)
-class HfRef:
+class HfRef(NamedTuple):
+    """A GGUF file on the Hugging Face Hub, as `hf:OWNER/REPO/FILE.gguf[@REVISION]` names it."""
+
     repo: str
     file: str
     revision: str | None = None

@@ -105,12 +105,17 @@ def edgeft_server(base: Path, adapters: Sequence[Path], *, threads: int, ctx: in
             port, names = _wait_for_banner(proc, out, err)
             yield port, names
         finally:
-            proc.terminate()
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            _stop(proc)
+
+
+def _stop(proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    """SIGTERM (both servers drain and exit), SIGKILL if that takes longer than `timeout`."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _wait_for_banner(proc: subprocess.Popen, out, err) -> tuple[int, list[str]]:
@@ -170,11 +175,7 @@ def llama_server(binary: str | os.PathLike, base: Path, adapters: Sequence[Path]
             time.sleep(0.25)
         yield port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _stop(proc)
 
 
 def concurrency_phase(base: Path, adapters: Sequence[Path], *, threads: int, ctx: int, requests: int, say,
