@@ -259,5 +259,4 @@ class ContinuousBatch:
         return self._b.tokenize(text, add_special=True, parse_special=True)
 
     def chat_prompt(self, messages: list[dict]) -> str:
-        return self._b.apply_chat_template([dict(m) if isinstance(m, dict) else m for m in messages]
-                                           if isinstance(messages, list) else messages)
+        return self._b.apply_chat_template(messages)

@@ -22,7 +22,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Literal, Mapping, Sequence, overload
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Sequence, overload
 
 from . import _llama
 from .adapter_spec import MAX_SCALE, AdapterSpec, parse_adapter_spec  # noqa: F401  (re-exported)
@@ -307,8 +307,6 @@ class Engine(BatchMethods):
 
     def chat_prompt(self, messages: list[dict]) -> str:
         """The prompt text the base's chat template makes of `messages`."""
-        if isinstance(messages, Sequence) and not isinstance(messages, str):
-            messages = [dict(m) if isinstance(m, Mapping) else m for m in messages]
         with self._lock:
             return self._b.apply_chat_template(messages)
 

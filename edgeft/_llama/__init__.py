@@ -19,7 +19,7 @@ import os
 import sys
 import threading
 from collections import deque
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import llama_cpp
 import numpy as np
@@ -337,8 +337,9 @@ class Backend:
         """Render messages with the model's own Jinja chat template (as transformers does)."""
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-        if not isinstance(messages, list) or not messages:
+        if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
             raise InputError("no messages", "send a list of at least one message")
+        messages = [dict(m) if isinstance(m, Mapping) else m for m in messages]
         for m in messages:
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise InputError("each message needs a string 'role' and a string 'content'")

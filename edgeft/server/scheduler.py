@@ -88,11 +88,10 @@ class Worker:
         self.queue_size = queue_size
         self.planner = planner
         self.counters = dict.fromkeys(COUNTERS, 0)
-        self.busy_s = 0.0                      # seconds the worker spent on jobs
         self._pending: deque[Job] = deque()
         self._cond = threading.Condition()
         self._running: dict[Any, Job] = {}     # Answer (or the job itself for a plain job) -> Job
-        self.peak = 0                          # most answers running at once (the bench resets it)
+        self.peak = 0                          # most answers running at once since start (/health)
         self._last_key: Any = None
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="edgeft-engine", daemon=True)
@@ -180,7 +179,6 @@ class Worker:
             if job.cancelled.is_set():
                 self.count("cancelled")
                 continue
-            t0 = time.perf_counter()
             try:
                 if job.request is not None:
                     self._serve(job)
@@ -192,7 +190,6 @@ class Worker:
             except Exception as e:
                 self._fail(job, e)
             finally:
-                self.busy_s += time.perf_counter() - t0
                 with self._cond:
                     self._running.clear()
 
@@ -265,11 +262,10 @@ class Worker:
                 others = [j for j in self._pending if j.key != key or j.request is None]
                 if any(j.skipped >= AFFINITY_SKIPS for j in others):
                     return
-                job = next((j for j in self._pending if j.key == key and j.request is not None), None)
+                job = next((j for j in self._pending if j.key == key and j.request is not None
+                            and not j.cancelled.is_set()), None)   # cancel() takes the others out
                 if job is None:
                     return
-            if job.cancelled.is_set():
-                continue    # cancel() has taken it out of the queue
             joined = self._join(cb, job, selection)
             if joined is False:
                 return      # it waits for room; keep first-come order
