@@ -73,14 +73,16 @@ class BatchMethods:
                                    cancel if cancel is not None else threading.Event())
 
     @contextlib.contextmanager
-    def batch(self, adapter: AdapterSpec = UNSET) -> Iterator[ContinuousBatch]:
-        """A ContinuousBatch under one adapter set, holding the engine's lock until the block
-        ends: `add()` requests as they come (while `fits()`), `step()` until `answers` is empty.
-        Answers still running at the end are cancelled; an error clears the KV memory."""
+    def batch(self, adapter: AdapterSpec = UNSET, *, mixed: bool = True) -> Iterator[ContinuousBatch]:
+        """A ContinuousBatch, holding the engine's lock until the block ends: `add()` requests as
+        they come (while `fits()`), each under `adapter` or its own (`add(adapter=...)`: answers
+        under different adapter sets share steps when the build has patch 0003 and `mixed`),
+        `step()` until `answers` is empty. Answers still running at the end are cancelled; an
+        error clears the KV memory."""
         with self._lock:
             selection = self._selected if adapter is UNSET else self._resolve(adapter)
             self._apply(selection)
-            cb = ContinuousBatch(self, selection)
+            cb = ContinuousBatch(self, selection, mixed=mixed)
             try:
                 yield cb
             except BaseException:

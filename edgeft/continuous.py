@@ -16,6 +16,14 @@ The single-request path's rules hold here too: only K/V computed by batched deco
 changes only while no answer depends on it, which keeps the cell reservation exact: an answer
 is admitted only when its own prompt part and max_tokens fit beside the others.
 
+Answers under different adapter sets share a batch too when the build carries patch 0003
+(`_llama.mixed_adapter_batches()`): a step whose rows belong to two or more sets applies the
+union of their adapters, each with per-sequence scales (0 where a sequence does not use it), so
+every row gets exactly its own set's product (bit for bit: the same products multiplied by the
+same float). Sequence 0 holds the prefix of one set, the batch's home set (`Engine._applied`):
+answers of another set prefill their whole prompt in their own sequence. A step whose rows all
+use one set runs that set alone (no per-sequence scales; single-row steps keep the fused decode).
+
 Exactness: an answer alone in the batch runs the same kernels as `Engine.complete`; steps with
 two or more rows use llama.cpp's batched kernels, which round differently, so a greedy answer
 can differ from its solo one where two candidates' logits are within that rounding.
@@ -31,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
 from . import _llama
+from .adapter_spec import UNSET, AdapterSpec
 from .errors import EdgeftError, InputError
 from .generation import Generation
 from .prompt_cache import common_prefix
@@ -51,6 +60,7 @@ class Answer:
     seq: int
     gen: Generation
     cancel: threading.Event
+    key: tuple = ()                    # its adapter set: ((name, scale), ...) sorted, as Engine._applied
     sampler: object = None             # _llama.Sampler, closed when the answer ends
     todo: int = 0                      # next prompt position to prefill
     pos: int = 0                       # position of the next token to decode
@@ -81,19 +91,36 @@ class Answer:
 
 
 class ContinuousBatch:
-    """Answers under the engine's applied adapter set; made by `Engine.batch()`, which holds the
-    engine's lock for its life. `add()` admits a request, `step()` advances all of them."""
+    """Answers under one or (with patch 0003) several adapter sets; made by `Engine.batch()`,
+    which holds the engine's lock for its life. `add()` admits a request, `step()` advances all
+    of them."""
 
-    def __init__(self, engine: "Engine", selection: dict[str, float]):
+    def __init__(self, engine: "Engine", selection: dict[str, float], mixed: bool = True):
         if engine._b.n_seq_max < 2:
             raise InputError("this engine decodes one sequence at a time (n_seq_max=1)",
                              "make the Engine with n_seq_max >= 2 to batch answers")
         self._e = engine
         self._b = engine._b
-        self.selection = dict(selection)
+        self.selection = dict(selection)    # the set of an answer added without `adapter`
+        self.mixed = bool(mixed) and _llama.mixed_adapter_batches()
         self.answers: list[Answer] = []
         self._free = list(range(self._b.n_seq_max - 1, 0, -1))
         self._reserved = 0
+        self._config: tuple = engine._applied   # what the context applies now (see _configure)
+        self._seq_scales: dict[str, list[float]] = {}
+
+    # -- adapter sets -------------------------------------------------------------------------
+    def resolve(self, adapter: AdapterSpec = UNSET) -> dict[str, float]:
+        """An adapter spec as {name: scale}, loading what is missing (inside the batch: adapters
+        that running answers use are never evicted for it)."""
+        if adapter is UNSET:
+            return dict(self.selection)
+        return self._e._resolve(adapter)
+
+    def accepts(self, selection: dict[str, float]) -> bool:
+        """Whether an answer under `selection` can join now: its set is the home set, the batch
+        is empty (the home set moves to it), or this build mixes sets in one batch."""
+        return self.mixed or not self.answers or _key(selection) == self._e._applied
 
     # -- admission --------------------------------------------------------------------------
     @property
@@ -101,27 +128,34 @@ class ContinuousBatch:
         """Answers that can still join now (free sequences)."""
         return len(self._free)
 
-    def _shared(self, tokens: Sequence[int]) -> int:
+    def _shared(self, tokens: Sequence[int], key: tuple | None = None) -> int:
         e = self._e
+        if key is not None and key != e._applied:
+            return 0    # sequence 0 holds K/V of another adapter set
         return max(0, min(common_prefix(e._kv_tokens, tokens), e._kv_batched, len(tokens) - 2))
 
     def _limit(self, tokens: Sequence[int], max_tokens: int) -> int:
         return max(0, min(int(max_tokens), self._e.n_ctx - len(tokens)))
 
-    def fits(self, tokens: Sequence[int], max_tokens: int) -> bool:
-        """Whether a request can join now: a free sequence, and cells for its own prompt part
-        and answer beside what the others hold (a lone request always fits: max_tokens is cut
-        to the context, as for a single request)."""
+    def fits(self, tokens: Sequence[int], max_tokens: int, adapter: AdapterSpec = UNSET) -> bool:
+        """Whether a request can join now: a free sequence, an adapter set the batch can take
+        (`accepts`), and cells for its own prompt part and answer beside what the others hold
+        (a lone request always fits: max_tokens is cut to the context, as for a single one)."""
         if not self._free or len(tokens) >= self._e.n_ctx:
             return False
         if not self.answers:
             return True
-        need = len(tokens) - self._shared(tokens) + self._limit(tokens, max_tokens)
+        selection = self.resolve(adapter)
+        if not self.accepts(selection):
+            return False
+        need = len(tokens) - self._shared(tokens, _key(selection)) + self._limit(tokens, max_tokens)
         return len(self._e._kv_tokens) + self._reserved + need <= self._e.n_ctx
 
     def add(self, tokens: Sequence[int], *, max_tokens: int = 256, stop: Sequence[str] = (),
-            cancel: threading.Event | None = None, ignore_eos: bool = False, **sampling: Any) -> Answer:
+            cancel: threading.Event | None = None, ignore_eos: bool = False, adapter: AdapterSpec = UNSET,
+            **sampling: Any) -> Answer:
         """Admit a request (check `fits` first); its prompt is prefilled by the next steps.
+        `adapter`: its adapter set (the batch's by default; another one needs `accepts`).
         `sampling`: temperature, top_p, top_k, min_p, seed, grammar (checked here); `ignore_eos`
         masks end-of-generation tokens, so the answer runs to max_tokens or a stop string
         (benchmarks)."""
@@ -137,30 +171,40 @@ class ContinuousBatch:
         if len(tokens) >= self._e.n_ctx:
             raise InputError(f"the prompt has {len(tokens)} tokens; the context holds {self._e.n_ctx}",
                              "shorten the input or raise --ctx")
-        if not self.fits(tokens, max_tokens):
+        selection = self.resolve(adapter)
+        if not self.accepts(selection):
+            raise InputError("this llama.cpp build decodes one adapter set per batch (no patch 0003)",
+                             "wait for the batch to end, or rebuild with ./setup.sh")
+        if not self.fits(tokens, max_tokens, selection):
             raise InputError("no room in the batch for this request", "wait for an answer to finish")
         t0 = time.perf_counter()
         e, b = self._e, self._b
+        key = _key(selection)
         sampler = b.sampler(values)      # a grammar that does not parse fails here, before any work
-        keep = self._shared(tokens)
-        reused = keep
-        if not self.answers:   # nothing depends on sequence 0: give it this prompt's head
+        reused = None
+        if not self.answers:   # nothing depends on sequence 0: give it this set and prompt head
             try:
+                self._configure({e._applied})
+                e._apply(selection)
+                self._config = e._applied
                 reused = e._place_prefix(tokens[:max(0, len(tokens) - 2)])
             except BaseException:
                 sampler.close()
                 raise
-            keep = self._shared(tokens)
+        keep = self._shared(tokens, key)
+        if reused is None:
+            reused = keep
         limit = self._limit(tokens, max_tokens)
         seq = self._free.pop()
         if keep:
             b.memory_seq_copy(0, seq, 0, keep)
         a = Answer(tokens, limit, list(stop or []), seq,
-                   Generation("", "length", len(tokens), 0, 0.0, 0.0, dict(self.selection), reused_prefix=reused),
-                   cancel if cancel is not None else threading.Event(), sampler, todo=keep, pos=keep, t0=t0,
+                   Generation("", "length", len(tokens), 0, 0.0, 0.0, dict(selection), reused_prefix=reused),
+                   cancel if cancel is not None else threading.Event(), key, sampler, todo=keep, pos=keep, t0=t0,
                    reserved=len(tokens) - keep + limit, ignore_eos=bool(ignore_eos))
         self._reserved += a.reserved
         self.answers.append(a)
+        e._busy.update(n for n, _ in key)
         return a
 
     # -- decoding ---------------------------------------------------------------------------
@@ -188,6 +232,10 @@ class ContinuousBatch:
             a.todo += k
         if not rows:
             return touched
+        keys = {a.key for a in self.answers}
+        self._configure(keys)
+        if len(keys) > 1:
+            self._e.stats.mixed_steps += 1
         n = len(self.answers)
         for a in self.answers:
             if n > a.gen.batch_size:
@@ -242,6 +290,7 @@ class ContinuousBatch:
         if a.t_first is not None and a.n > 1:
             a.gen.decode_tps = (a.n - 1) / max(a.t_end - a.t_first, 1e-9)
         self.answers.remove(a)
+        self._e._busy = {n for x in self.answers for n, _ in x.key}
         self._reserved -= a.reserved
         self._b.memory_seq_drop(a.seq)
         self._free.append(a.seq)
@@ -250,9 +299,41 @@ class ContinuousBatch:
             a.sampler = None
 
     def close(self, reason: str = "cancelled") -> None:
-        """End every answer still running (its sequence dropped); sequence 0 keeps its prefix."""
+        """End every answer still running (its sequence dropped); sequence 0 keeps its prefix and
+        the context applies the home set again."""
         for a in list(self.answers):
             self._end(a, reason)
+        self._e._busy = set()
+        self._configure({self._e._applied})
+
+    def _configure(self, keys: set[tuple]) -> None:
+        """Make the context apply what the next step's rows need: one adapter set alone (as a
+        single request would), or for several sets their union with per-sequence scales."""
+        if len(keys) == 1:
+            want = next(iter(keys))
+            self._clear_seq_scales()
+            if self._config != want:
+                self._b.set_adapters([self._e._adapters[n].handle for n, _ in want], [s for _, s in want])
+                self._config = want
+            return
+        names = sorted({n for k in keys for n, s in k if s != 0.0})
+        union = tuple((n, 1.0) for n in names)
+        if self._config != ("mixed", union):
+            self._clear_seq_scales()
+            self._b.set_adapters([self._e._adapters[n].handle for n in names], [1.0] * len(names))
+            self._config = ("mixed", union)
+        per_seq = {a.seq: dict(a.key) for a in self.answers}
+        for n in names:
+            scales = [per_seq.get(q, {}).get(n, 0.0) for q in range(self._b.n_seq_max)]
+            if self._seq_scales.get(n) != scales:
+                self._b.set_adapter_seq_scales(self._e._adapters[n].handle, scales)
+                self._seq_scales[n] = scales
+
+    def _clear_seq_scales(self) -> None:
+        for n in self._seq_scales:
+            if n in self._e._adapters:
+                self._b.set_adapter_seq_scales(self._e._adapters[n].handle, [])
+        self._seq_scales = {}
 
     # -- text, usable inside the batch block (the engine's own methods wait for its lock) ----
     def tokenize(self, text: str) -> list[int]:
@@ -260,3 +341,8 @@ class ContinuousBatch:
 
     def chat_prompt(self, messages: list[dict]) -> str:
         return self._b.apply_chat_template(messages)
+
+
+def _key(selection: dict[str, float]) -> tuple:
+    """An adapter selection as the engine's applied-set key: ((name, scale), ...) sorted."""
+    return tuple(sorted(selection.items()))

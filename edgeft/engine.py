@@ -100,6 +100,7 @@ class Engine(BatchMethods):
         self.prompt_cache = PromptCache(float(prompt_cache_mb) if _llama.HAS_SEQ_STATE else 0.0)
         self._kv_tokens: list[int] = []         # tokens whose K/V are in memory, under _applied
         self._kv_batched = 0                    # leading _kv_tokens decoded in multi-token batches
+        self._busy: set[str] = set()            # adapters a running batch decodes with: never evicted
         self.stats = Stats()
 
     # -- properties -----------------------------------------------------------------------
@@ -170,7 +171,7 @@ class Engine(BatchMethods):
                 "load the base it belongs to, or pass --force to load it anyway")
         version = _file_version(bundle.gguf_path)
         info = self._inspect(bundle.gguf_path, version)
-        self._make_room(info.nbytes / 1e6, keep=set(keep) | set(self._selected) | {n for n, _ in self._applied})
+        self._make_room(info.nbytes / 1e6, keep=set(keep) | set(self._selected) | {n for n, _ in self._applied} | self._busy)
         t0 = time.perf_counter()
         handle = self._b.adapter_load(str(bundle.gguf_path))
         la = LoadedAdapter(name, bundle, info, handle, (time.perf_counter() - t0) * 1e3, time.monotonic(),

@@ -84,5 +84,6 @@ class Stats:
     swaps: int = 0
     last_swap_ms: float = 0.0
     evictions: int = 0
+    mixed_steps: int = 0         # batch steps whose answers used two or more adapter sets
     last: Generation | None = None
     swap_ms: list[float] = field(default_factory=list)

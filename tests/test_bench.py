@@ -114,7 +114,7 @@ def test_evaluate_targets_handles_missing_values():
     assert by["swapms"]["met"] is True
     assert by["reload-per-switchx"]["met"] is False
     assert all(r["met"] is None for r in rows if r["value"] is None)
-    assert len(rows) == 12
+    assert len(rows) == 13
 
 
 def test_memory_bandwidth_positive():

@@ -296,6 +296,9 @@ def test_concurrent_clients_get_the_sequential_answers(server):
     assert len(results) == n_threads * per_thread
     wrong = [(combo, got, sequential[combo]) for combo, got in results if got != sequential[combo]]
     assert not wrong, wrong[:5]
+    health = server.health()
+    if health["mixed_adapter_batches"]:   # patch 0003: answers under different adapters shared steps
+        assert health["mixed_steps"] > 0, health
     lat.sort()
     print(f"\nconcurrency: {len(results)} requests in {wall:.1f} s (server CPU {cpu:.1f} s), latency p50 "
           f"{statistics.median(lat) * 1e3:.0f} ms, p95 {lat[int(len(lat) * 0.95)] * 1e3:.0f} ms")

@@ -138,12 +138,28 @@ def patch_level() -> int:
     """Which of edgeft's llama.cpp patches (cmake/patches) this build carries: 0 for a stock
     build, 1 when swapping same-shape adapter sets skips the scheduler re-reserve, 3 when the
     CPU backend also fuses each adapter's LoRA ops for single-token decode (2: an earlier
-    version of that fusion, wrong on repacked bases, which edgeft turns off)."""
+    version of that fusion, wrong on repacked bases, which edgeft turns off), 4 when adapters
+    also take per-sequence scales (patch 0003: mixed adapter sets in one batch)."""
     fn = getattr(llama_cpp.llama_cpp._lib, "edgeft_llama_patch_level", None)
     if fn is None:
         return 0
     fn.restype, fn.argtypes = ctypes.c_int32, []
     return int(fn())
+
+
+def mixed_adapter_batches() -> bool:
+    """Whether this build decodes sequences under different adapter sets in one batch: patch
+    0003 gives each adapter per-sequence scales (`edgeft_llama_set_adapter_seq_scales`)."""
+    return _seq_scales_fn() is not None
+
+
+@functools.cache
+def _seq_scales_fn() -> Any:
+    fn = getattr(llama_cpp.llama_cpp._lib, "edgeft_llama_set_adapter_seq_scales", None)
+    if fn is not None:
+        fn.restype = ctypes.c_int32
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_float), ctypes.c_int32]
+    return fn
 
 
 def lora_decode_fused() -> bool:
@@ -245,6 +261,8 @@ def api_names() -> dict[str, str]:
         "lora_decode": ("fused (patch 0002)" if lora_decode_fused() else
                         "graph ops (this build has an old patch 0002: rerun ./setup.sh)" if patch_level() == 2 else
                         "graph ops"),
+        "adapter_batches": ("mixed: sequences under different adapter sets share a step (patch 0003)"
+                            if mixed_adapter_batches() else "one adapter set per batch"),
     }
 
 
@@ -529,6 +547,17 @@ class Backend:
         _clear_adapters(self.ctx)
         for h, s in zip(handles, scales):
             _set_adapter_one(self.ctx, h, float(s))
+
+    def set_adapter_seq_scales(self, handle: Any, scales: Sequence[float]) -> None:
+        """Per-sequence scales for an adapter of the current set (patch 0003): sequence i's rows
+        use scales[i] (0: the adapter is off there); an empty list goes back to the set's scale."""
+        fn = _seq_scales_fn()
+        if fn is None:
+            raise RuntimeError("this llama.cpp build has no per-sequence adapter scales (patch 0003)")
+        n = len(scales)
+        arr = (ctypes.c_float * max(n, 1))(*scales)
+        if fn(self.ctx, handle, arr, n) != 0:
+            raise ValueError(f"llama.cpp refused per-sequence scales {list(scales)!r} for an adapter")
 
     # -- lifetime -----------------------------------------------------------------------
     def model_size_bytes(self) -> int:

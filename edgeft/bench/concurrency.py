@@ -35,6 +35,15 @@ ANSWER_TOKENS = 48
 CLIENTS = (1, 4, 8)
 
 
+def _get(port: int, path: str, timeout: float = 30.0) -> dict:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        return json.loads(conn.getresponse().read())
+    finally:
+        conn.close()
+
+
 def _post(port: int, body: dict, timeout: float = 600.0) -> dict:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
@@ -51,6 +60,7 @@ def _post(port: int, body: dict, timeout: float = 600.0) -> dict:
 def run_load(port: int, clients: int, requests: int, body_for: Callable[[int, int], dict]) -> dict:
     """`clients` threads, each sending `requests` requests in turn; tok/s over the whole load."""
     lat: list[float] = []
+    texts: dict[tuple[int, int], str] = {}
     tokens = [0]
     batch = [0]
     errors: list[str] = []
@@ -66,6 +76,7 @@ def run_load(port: int, clients: int, requests: int, body_for: Callable[[int, in
                     errors.append(str(e))
                 return
             with lock:
+                texts[(i, j)] = out["choices"][0]["message"]["content"]
                 lat.append(time.perf_counter() - t0)
                 tokens[0] += int(out["usage"]["completion_tokens"])
                 batch[0] = max(batch[0], int((out.get("edgeft") or {}).get("batch_size") or 0))
@@ -81,7 +92,14 @@ def run_load(port: int, clients: int, requests: int, body_for: Callable[[int, in
         raise RuntimeError(f"{len(errors)} request(s) failed: {errors[0]}")
     return {"clients": clients, "requests": clients * requests, "completion_tokens": tokens[0],
             "wall_s": wall, "tps": tokens[0] / wall if wall > 0 else None,
-            "latency_s": dist(lat), "largest_batch": batch[0] or None}
+            "latency_s": dist(lat), "largest_batch": batch[0] or None, "texts": texts}
+
+
+def identical_alone(port: int, load: dict, body_for: Callable[[int, int], dict]) -> float:
+    """Share of a load's answers equal to the same request sent alone (one client, one at a time)."""
+    texts = load["texts"]
+    same = sum(_post(port, body_for(i, j))["choices"][0]["message"]["content"] == t for (i, j), t in texts.items())
+    return same / max(1, len(texts))
 
 
 def _messages(i: int, j: int) -> list[dict]:
@@ -200,7 +218,12 @@ def concurrency_phase(base: Path, adapters: Sequence[Path], *, threads: int, ctx
                                 "max_tokens": answer_tokens, "temperature": 0.0, "ignore_eos": True}
 
                     run_load(port, 1, 1, body)   # warm-up
-                    out["edgeft"][f"{mode}_{n}_cache_{cache}"] = run_load(port, n, requests, body)
+                    before = _get(port, "/health").get("mixed_steps", 0)
+                    r = out["edgeft"][f"{mode}_{n}_cache_{cache}"] = run_load(port, n, requests, body)
+                    r["mixed_steps"] = _get(port, "/health").get("mixed_steps", 0) - before
+                    if mode == "mixed" and cache_mb and n == max(clients):
+                        say("concurrency, edgeft server, the same requests one at a time")
+                        r["identical_to_alone"] = identical_alone(port, r, body)
     top, one = out["edgeft"].get(f"same_{max(clients)}_cache_on"), out["edgeft"].get(f"same_{min(clients)}_cache_on")
     if top and one and max(clients) == 8 and min(clients) == 1:
         out["eight_over_one_same"] = _ratio(top["tps"], one["tps"])
@@ -211,6 +234,11 @@ def concurrency_phase(base: Path, adapters: Sequence[Path], *, threads: int, ctx
             mine = out["edgeft"].get(f"{key}_cache_on")
             if mine:
                 out.setdefault("edgeft_over_llama_server", {})[key] = _ratio(mine["tps"], r["tps"])
+                out.setdefault("p50_latency_edgeft_over_llama_server", {})[key] = _ratio(
+                    mine["latency_s"]["p50"], r["latency_s"]["p50"])
+    for loads in (out["edgeft"], out.get("llama_server", {})):
+        for r in loads.values():
+            r.pop("texts", None)
     return out
 
 

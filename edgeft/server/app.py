@@ -36,6 +36,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from .. import _llama
 from ..bundles import AdapterBundle
 from ..continuous import ContinuousBatch
 from ..engine import Engine
@@ -119,6 +120,12 @@ class Server:
         if changed or eng.stats.evictions != self._evictions:
             self._snapshot()
         return dict(req.adapters)
+
+    def ready(self, eng: Engine, req: GenRequest) -> dict[str, float] | None:
+        """Inside a batch: the request's adapter set when every adapter of it is loaded (a batch
+        cannot load one), else None (it waits for the batch to end, then `select` loads it)."""
+        loaded = eng.adapters
+        return dict(req.adapters) if all(n in loaded for n in req.adapters) else None
 
     def settle(self, eng: Engine) -> None:
         if eng.stats.evictions != self._evictions:
@@ -307,7 +314,9 @@ class Server:
     async def health(self, request: Request) -> Response:
         w = self.worker
         return JSONResponse({"status": "ok", "busy": w.busy, "running": w.running, "queued": w.queued,
-                             "parallel": self.engine.parallel, "largest_batch": w.peak, **w.counters,
+                             "parallel": self.engine.parallel, "largest_batch": w.peak,
+                             "mixed_adapter_batches": _llama.mixed_adapter_batches(),
+                             "mixed_steps": self.engine.stats.mixed_steps, **w.counters,
                              "prompt_cache": self.engine.prompt_cache.report()})
 
     def begin_shutdown(self) -> None:

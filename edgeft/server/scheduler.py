@@ -2,11 +2,13 @@
 
 Generation requests are served by continuous batching (edgeft/continuous.py): the worker opens
 a batch for the adapter set of the request at the head of the queue, and between decode steps
-admits every waiting request for the same set that fits (a free sequence and KV cells), so up
-to `Engine.parallel` answers share each llama_decode and a request joins while others decode. A
-request for another adapter set waits until the batch drains; to keep that wait bounded, a
-batch stops admitting once a request of another set has been passed over `AFFINITY_SKIPS`
-times. Other jobs (loading, unloading adapters) run alone between batches. Waiting requests sit
+admits waiting requests that fit (a free sequence and KV cells), oldest first, so up to
+`Engine.parallel` answers share each llama_decode and a request joins while others decode. On a
+build with patch 0003 a request under another adapter set joins too (each sequence of a step
+carries its own set) as long as its adapters are loaded; otherwise, and for a request whose
+adapters must be loaded first, it waits until the batch drains; to keep that wait bounded, a
+batch stops admitting once such a request has been passed over `AFFINITY_SKIPS` times. Other
+jobs (loading, unloading adapters) run alone between batches. Waiting requests sit
 in a bounded queue (full -> 503). Cancelling a request (client gone) ends its answer before the
 next step; the others in the batch go on untouched.
 """
@@ -48,6 +50,7 @@ class Planner(Protocol):
     """What the worker asks the app for a generation job (app.Server implements it)."""
 
     def select(self, eng: Engine, request: Any) -> dict[str, float]: ...   # loads what it needs
+    def ready(self, eng: Engine, request: Any) -> dict[str, float] | None: ...  # None: must load
     def plan(self, cb: ContinuousBatch, request: Any, selection: dict[str, float]) -> Plan: ...
     def settle(self, eng: Engine) -> None: ...                           # after a batch
 
@@ -213,7 +216,7 @@ class Worker:
                 if self._join(cb, first, selection) is False:   # cannot happen: a lone request fits
                     raise ApiError(400, "the request does not fit this server's context", code="context_length_exceeded")
                 while self._running:
-                    self._admit(cb, first.key, selection)
+                    self._admit(cb, first.key)
                     for a in cb.step():
                         self._report(a)
         except Exception as e:   # the engine failed: every answer of the batch gets the error
@@ -233,10 +236,10 @@ class Worker:
             if job.plan is None:
                 job.plan = self.planner.plan(cb, job.request, selection)
             p = job.plan
-            if not cb.fits(p.tokens, p.max_tokens):
+            if not cb.fits(p.tokens, p.max_tokens, selection):
                 return False
             a = cb.add(p.tokens, max_tokens=p.max_tokens, stop=p.stop, cancel=job.cancelled, ignore_eos=p.ignore_eos,
-                       **p.sampling)
+                       adapter=selection, **p.sampling)
         except (ApiError, EdgeftError) as e:
             self._fail(job, e)
             return None
@@ -252,19 +255,27 @@ class Worker:
                 self._running[key] = job
                 self.peak = max(self.peak, len(self._running))
 
-    def _admit(self, cb: ContinuousBatch, key: Any, selection: dict[str, float]) -> None:
-        """Waiting requests for this batch's adapter set join it, oldest first, while they fit
-        and no request of another set has been passed over too often."""
+    def _admit(self, cb: ContinuousBatch, key: Any) -> None:
+        """Waiting requests that can join this batch (its adapter set, or any loaded set when the
+        batch mixes sets) join it, oldest first, while they fit and no request that cannot join
+        has been passed over too often."""
         while cb.slots:
             with self._cond:
                 if self._stopping:
                     return
-                others = [j for j in self._pending if j.key != key or j.request is None]
-                if any(j.skipped >= AFFINITY_SKIPS for j in others):
-                    return
-                job = next((j for j in self._pending if j.key == key and j.request is not None
-                            and not j.cancelled.is_set()), None)   # cancel() takes the others out
-                if job is None:
+                job, selection, others = None, None, []
+                for j in self._pending:
+                    if j.request is None:
+                        others.append(j)
+                        continue
+                    if j.cancelled.is_set():      # cancel() takes it out
+                        continue
+                    sel = self.planner.ready(self.engine, j.request) if j.key == key or cb.mixed else None
+                    if sel is None or not cb.accepts(sel):
+                        others.append(j)
+                    elif job is None:
+                        job, selection = j, sel
+                if any(j.skipped >= AFFINITY_SKIPS for j in others) or job is None:
                     return
             joined = self._join(cb, job, selection)
             if joined is False:

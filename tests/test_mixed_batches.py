@@ -1,0 +1,209 @@
+"""Answers under different adapter sets in one batch (patch 0003, edgeft/continuous.py): each
+sequence of a step carries its own set through per-sequence adapter scales. The rows of a mixed
+step must equal, bit for bit, the same rows decoded under their own set alone; answers must equal
+their solo answers; nothing computed under one set may be reused under another; adapters in use
+are never evicted; a build or batch without mixing keeps one set per batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgeft import Engine, _llama
+from edgeft.errors import AdapterError, InputError
+from edgeft.gguf_info import base_info
+from helpers import write_adapter
+
+needs_patch = pytest.mark.skipif(not _llama.mixed_adapter_batches(),
+                                 reason="needs llama.cpp built with cmake/patches 0003 (setup.sh)")
+
+PROMPTS = [f"<|im_start|>user\nquestion {i}: " + "why " * (i % 4) + "<|im_end|>\n<|im_start|>assistant\n"
+           for i in range(8)]
+SETS = ["a", "b", "c", {"a": 0.5, "c": 1.0}, None, "a", "b", "c"]
+
+
+def _embedding_and_head(base):
+    """`mutate` for write_adapter: LoRA on the token embeddings and the output head too (their own
+    graph paths in llama.cpp: get_rows of A for the embeddings, the head on the output rows)."""
+    n_embd, n_vocab = base_info(base).tensors["token_embd.weight"]
+    rng = np.random.default_rng(7)
+
+    def mutate(t: dict) -> None:
+        t["token_embd.weight.lora_a"] = rng.standard_normal((n_vocab, 8)).astype(np.float32) * 0.5
+        t["token_embd.weight.lora_b"] = rng.standard_normal((n_embd, 8)).astype(np.float32) * 0.5
+        t["output.weight.lora_a"] = (rng.standard_normal((8, n_embd)) / np.sqrt(n_embd)).astype(np.float32)
+        t["output.weight.lora_b"] = rng.standard_normal((n_vocab, 8)).astype(np.float32) * 0.5
+    return mutate
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory, tiny_base):
+    d = tmp_path_factory.mktemp("mixed-adapters")
+    return {"a": write_adapter(d / "a.gguf", tiny_base, seed=1, b_std=0.05),
+            "b": write_adapter(d / "b.gguf", tiny_base, seed=2, b_std=0.05, rank=4),
+            "c": write_adapter(d / "c.gguf", tiny_base, seed=3, b_std=0.05, targets=("attn_q", "attn_v")),
+            "e": write_adapter(d / "e.gguf", tiny_base, seed=4, b_std=0.05, targets=("ffn_down",),
+                               mutate=_embedding_and_head(tiny_base))}
+
+
+@pytest.fixture(scope="module")
+def eng(tiny_base, adapters):
+    e = Engine(str(tiny_base), n_ctx=4096, n_threads=1)
+    for name, path in adapters.items():
+        e.load_adapter(str(path), name=name)
+    yield e
+    e.close()
+
+
+@pytest.fixture
+def raw(eng):
+    """The engine's backend driven directly; the engine's own state is reset afterwards."""
+    yield eng._b
+    eng._b.set_adapters([], [])
+    eng._applied, eng._applied_key = (), ()
+    eng._invalidate_kv()
+
+
+def _rows(b, handles, scales, tokens, pos, seqs, want, per_seq=()):
+    b.memory_clear()
+    b.set_adapters(handles, scales)
+    for h, sc in per_seq:
+        b.set_adapter_seq_scales(h, sc)
+    b.decode_seqs(tokens, pos, seqs, want)
+    out = {i: b.logits_at(i).copy() for i, w in enumerate(want) if w}
+    for h, _ in per_seq:
+        b.set_adapter_seq_scales(h, [])
+    b.memory_clear()
+    return out
+
+
+@needs_patch
+@pytest.mark.parametrize("outputs", ["every row", "last rows only"])
+def test_rows_of_a_mixed_step_equal_the_same_rows_under_their_own_set(eng, raw, outputs):
+    """Four sequences, four sets (a; b at 0.5; a+c; e, which adapts the embeddings and the head)
+    in one llama_decode: each row's logits equal those of the same batch decoded under that row's
+    set alone, bit for bit. 'last rows only' keeps logits for a few rows, so the last layer and
+    the head run on the output rows (out_ids)."""
+    b = raw
+    h = {n: eng._adapters[n].handle for n in ("a", "b", "c", "e")}
+    toks = [eng.tokenize(p) for p in PROMPTS[:4]]
+    tokens = [t for ts in toks for t in ts]
+    pos = [i for ts in toks for i in range(len(ts))]
+    seqs = [s + 1 for s, ts in enumerate(toks) for _ in ts]
+    ends = {sum(len(x) for x in toks[:k + 1]) - 1 for k in range(4)}
+    want = [True] * len(tokens) if outputs == "every row" else [i in ends or i == 1 for i in range(len(tokens))]
+    own = [([h["a"]], [1.0]), ([h["b"]], [0.5]), ([h["a"], h["c"]], [1.0, 1.0]), ([h["e"]], [1.0])]
+    alone = [_rows(b, hs, sc, tokens, pos, seqs, want) for hs, sc in own]
+    mixed = _rows(b, [h["a"], h["b"], h["c"], h["e"]], [1.0] * 4, tokens, pos, seqs, want,
+                  per_seq=[(h["a"], [0, 1.0, 0, 1.0, 0]), (h["b"], [0, 0, 0.5, 0, 0]), (h["c"], [0, 0, 0, 1.0, 0]),
+                           (h["e"], [0, 0, 0, 0, 1.0])])
+    base = _rows(b, [], [], tokens, pos, seqs, want)
+    checked = 0
+    for i, s in enumerate(seqs):
+        if want[i]:
+            assert np.array_equal(mixed[i], alone[s - 1][i]), (i, s)
+            checked += 1
+    assert checked >= 5
+    for k in (1, 2, 3):                                   # the sets really differ
+        assert max(np.abs(alone[0][i] - alone[k][i]).max() for i in mixed) > 1e-2
+    assert max(np.abs(base[i] - alone[0][i]).max() for i in mixed) > 1e-2
+    head = [i for i in mixed if seqs[i] == 4]             # e's head LoRA moves its output rows a lot
+    assert max(np.abs(base[i] - alone[3][i]).max() for i in head) > 1.0
+
+
+@needs_patch
+def test_bad_per_sequence_scales_are_refused(eng, raw):
+    b = raw
+    ha = eng._adapters["a"].handle
+    b.set_adapters([ha], [1.0])
+    for bad in ([float("nan")], [0.0] * (b.n_seq_max + 1), [float("inf")]):
+        with pytest.raises(ValueError):
+            b.set_adapter_seq_scales(ha, bad)
+    with pytest.raises(ValueError):     # an adapter that is not in the context's set
+        b.set_adapter_seq_scales(eng._adapters["b"].handle, [1.0])
+    b.set_adapter_seq_scales(ha, [1.0, 0.0])
+    b.set_adapter_seq_scales(ha, [])
+
+
+@needs_patch
+def test_answers_under_different_sets_share_steps_and_equal_their_solo_answers(eng, tiny_base, adapters):
+    solo = [eng.complete(p, adapter=s, max_tokens=20) for p, s in zip(PROMPTS, SETS)]
+    toks = [eng.tokenize(p) for p in PROMPTS]
+    before = eng.stats.mixed_steps
+    with eng.batch("a") as cb:
+        answers = []
+        for t, s in zip(toks, SETS):        # one joins per step: sets change while others decode
+            assert cb.accepts(cb.resolve(s)) and cb.fits(t, 20, s)
+            answers.append(cb.add(t, max_tokens=20, adapter=s))
+            cb.step()
+        while cb.answers:
+            cb.step()
+    assert [a.gen.text for a in answers] == [g.text for g in solo]
+    assert [a.gen.adapters for a in answers] == [g.adapters for g in solo]
+    assert eng.stats.mixed_steps - before >= 8
+    assert max(a.gen.batch_size for a in answers) >= 5
+    # after the batch the context applies its home set again and reuses nothing across sets
+    fresh = Engine(str(tiny_base), n_ctx=4096, n_threads=1, prompt_cache_mb=0)
+    try:
+        for n, p in adapters.items():
+            fresh.load_adapter(str(p), name=n)
+        for p, s in [(PROMPTS[1], "a"), (PROMPTS[1], "b"), (PROMPTS[3], {"a": 0.5, "c": 1.0})]:
+            assert eng.complete(p, adapter=s, max_tokens=20).text == fresh.complete(p, adapter=s, max_tokens=20).text
+    finally:
+        fresh.close()
+
+
+@needs_patch
+def test_cancelling_an_answer_of_one_set_leaves_the_other_sets_untouched(eng):
+    solo = [eng.complete(p, adapter=s, max_tokens=24) for p, s in zip(PROMPTS[:3], SETS[:3])]
+    with eng.batch("a") as cb:
+        got = [cb.add(eng._b.tokenize(p, add_special=True, parse_special=True), max_tokens=24, adapter=s)
+               for p, s in zip(PROMPTS[:3], SETS[:3])]
+        for _ in range(4):
+            cb.step()
+        got[1].cancel.set()
+        while cb.answers:
+            cb.step()
+    assert got[1].gen.finish_reason == "cancelled" and got[1].gen.completion_tokens < 24
+    assert got[0].gen.text == solo[0].text and got[2].gen.text == solo[2].text
+
+
+@needs_patch
+def test_adapters_in_use_are_never_evicted_for_another(tiny_base, adapters):
+    e = Engine(str(tiny_base), n_ctx=2048, n_threads=1)
+    try:
+        e.load_adapter(str(adapters["a"]), name="a")
+        e.load_adapter(str(adapters["c"]), name="c")
+        e.memory_budget_mb = e.resident_mb() + 0.01    # room for what is loaded, nothing more
+        toks = e.tokenize(PROMPTS[0])
+        with e.batch("a") as cb:
+            cb.add(toks, max_tokens=8)
+            cb.add(toks, max_tokens=8, adapter="c")
+            cb.step()
+            with pytest.raises(AdapterError, match="in use"):
+                cb.resolve(str(adapters["b"]))
+            assert set(e.adapters) == {"a", "c"}
+            while cb.answers:
+                cb.step()
+    finally:
+        e.close()
+
+
+def test_a_batch_that_does_not_mix_keeps_one_set_at_a_time(eng):
+    """mixed=False (and any build without patch 0003): another set waits for the batch to drain,
+    then the batch moves to it; a request that joins anyway is refused in one clear line."""
+    toks = eng.tokenize(PROMPTS[0])
+    want_b = eng.complete(PROMPTS[0], adapter="b", max_tokens=12).text
+    with eng.batch("a", mixed=False) as cb:
+        assert not cb.mixed
+        cb.add(toks, max_tokens=12)
+        assert not cb.accepts(cb.resolve("b")) and not cb.fits(toks, 12, "b")
+        with pytest.raises(InputError, match="one adapter set per batch"):
+            cb.add(toks, max_tokens=12, adapter="b")
+        while cb.answers:
+            cb.step()
+        assert cb.accepts(cb.resolve("b"))
+        got = cb.add(toks, max_tokens=12, adapter="b")
+        while cb.answers:
+            cb.step()
+    assert got.gen.text == want_b and got.gen.adapters == {"b": 1.0}
