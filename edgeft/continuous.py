@@ -20,9 +20,13 @@ Answers under different adapter sets share a batch too when the build carries pa
 (`_llama.mixed_adapter_batches()`): a step whose rows belong to two or more sets applies the
 union of their adapters, each with per-sequence scales (0 where a sequence does not use it), so
 every row gets exactly its own set's product (bit for bit: the same products multiplied by the
-same float). Sequence 0 holds the prefix of one set, the batch's home set (`Engine._applied`):
-answers of another set prefill their whole prompt in their own sequence. A step whose rows all
-use one set runs that set alone (no per-sequence scales; single-row steps keep the fused decode).
+same float). Sequence 0 holds the prefix of one set, the batch's home set (`Engine._applied`);
+the first answer of another set gives its set a prefix holder of its own (one of
+PREFIX_HOLDERS extra sequences, restored from the prompt cache or prefilled), which the set's
+later answers share. A holder whose set has no answer left stays until its cells or its
+sequence are needed, or the batch ends; its K/V then go to the prompt cache.
+A step whose rows all use one set runs that set alone (no per-sequence scales; single-row steps
+keep the fused decode).
 
 Exactness: an answer alone in the batch runs the same kernels as `Engine.complete`; steps with
 two or more rows use llama.cpp's batched kernels, which round differently, so a greedy answer
@@ -42,12 +46,21 @@ from . import _llama
 from .adapter_spec import UNSET, AdapterSpec
 from .errors import EdgeftError, InputError
 from .generation import Generation
-from .prompt_cache import common_prefix
+from .prompt_cache import MIN_REUSE, common_prefix
 
 if TYPE_CHECKING:
     from .engine import Engine
 
 _SAMPLING = {"temperature", "top_p", "top_k", "min_p", "seed", "grammar"}
+PREFIX_HOLDERS = 3     # extra sequences holding the prompt prefix of sets other than the home set
+
+
+@dataclass
+class _Holder:
+    """A sequence holding the shared prompt prefix of one adapter set (not the home set)."""
+
+    seq: int
+    tokens: list[int]
 
 
 @dataclass(eq=False)
@@ -104,7 +117,9 @@ class ContinuousBatch:
         self.selection = dict(selection)    # the set of an answer added without `adapter`
         self.mixed = bool(mixed) and _llama.mixed_adapter_batches()
         self.answers: list[Answer] = []
-        self._free = list(range(self._b.n_seq_max - 1, 0, -1))
+        self._free = list(range(engine.parallel, 0, -1))
+        self._holder_seqs = list(range(self._b.n_seq_max - 1, engine.parallel, -1)) if self.mixed else []
+        self._holders: dict[tuple, _Holder] = {}
         self._reserved = 0
         self._config: tuple = engine._applied   # what the context applies now (see _configure)
         self._seq_scales: dict[str, list[float]] = {}
@@ -128,11 +143,28 @@ class ContinuousBatch:
         """Answers that can still join now (free sequences)."""
         return len(self._free)
 
-    def _shared(self, tokens: Sequence[int], key: tuple | None = None) -> int:
+    def _source(self, key: tuple) -> tuple[int, list[int], int]:
+        """(sequence, its tokens, how many of them may be shared) holding `key`'s prompt prefix;
+        sequence -1 when none does."""
         e = self._e
-        if key is not None and key != e._applied:
-            return 0    # sequence 0 holds K/V of another adapter set
-        return max(0, min(common_prefix(e._kv_tokens, tokens), e._kv_batched, len(tokens) - 2))
+        if key == e._applied:
+            return 0, e._kv_tokens, e._kv_batched
+        h = self._holders.get(key)
+        return (h.seq, h.tokens, len(h.tokens)) if h else (-1, [], 0)
+
+    def _shared(self, tokens: Sequence[int], key: tuple | None = None) -> int:
+        seq, held, usable = self._source(self._e._applied if key is None else key)
+        return max(0, min(common_prefix(held, tokens), usable, len(tokens) - 2)) if seq >= 0 else 0
+
+    def _held(self, key: tuple | None = None) -> int:
+        """KV cells held by prefix holders (sequence 0 and the other sets'); with `key`, not
+        counting the idle holders that an answer under `key` would release."""
+        idle = set(self._idle()) - {key} if key is not None else set()
+        return len(self._e._kv_tokens) + sum(len(h.tokens) for k, h in self._holders.items() if k not in idle)
+
+    def _idle(self) -> list[tuple]:
+        """Holders whose set has no answer in the batch (nothing shares them)."""
+        return [k for k in self._holders if all(a.key != k for a in self.answers)]
 
     def _limit(self, tokens: Sequence[int], max_tokens: int) -> int:
         return max(0, min(int(max_tokens), self._e.n_ctx - len(tokens)))
@@ -148,8 +180,9 @@ class ContinuousBatch:
         selection = self.resolve(adapter)
         if not self.accepts(selection):
             return False
-        need = len(tokens) - self._shared(tokens, _key(selection)) + self._limit(tokens, max_tokens)
-        return len(self._e._kv_tokens) + self._reserved + need <= self._e.n_ctx
+        key = _key(selection)
+        need = len(tokens) - self._shared(tokens, key) + self._limit(tokens, max_tokens)
+        return self._held(key) + self._reserved + need <= self._e.n_ctx
 
     def add(self, tokens: Sequence[int], *, max_tokens: int = 256, stop: Sequence[str] = (),
             cancel: threading.Event | None = None, ignore_eos: bool = False, adapter: AdapterSpec = UNSET,
@@ -182,29 +215,39 @@ class ContinuousBatch:
         key = _key(selection)
         sampler = b.sampler(values)      # a grammar that does not parse fails here, before any work
         reused = None
-        if not self.answers:   # nothing depends on sequence 0: give it this set and prompt head
-            try:
+        if self.answers and self._held() > self._held(key):
+            need = len(tokens) - self._shared(tokens, key) + self._limit(tokens, max_tokens)
+            if self._held() + self._reserved + need > e.n_ctx:
+                for k in self._idle():
+                    if k != key:
+                        self._release(k)     # its cells are needed now
+        try:
+            if not self.answers:   # nothing depends on sequence 0: give it this set and prompt head
+                for k in list(self._holders):
+                    self._release(k)
                 self._configure({e._applied})
                 e._apply(selection)
                 self._config = e._applied
                 reused = e._place_prefix(tokens[:max(0, len(tokens) - 2)])
-            except BaseException:
-                sampler.close()
-                raise
+            elif key != e._applied and key not in self._holders:
+                reused = self._hold(key, tokens[:len(tokens) - 2])
+        except BaseException:
+            sampler.close()
+            raise
         keep = self._shared(tokens, key)
         if reused is None:
             reused = keep
         limit = self._limit(tokens, max_tokens)
         seq = self._free.pop()
         if keep:
-            b.memory_seq_copy(0, seq, 0, keep)
+            b.memory_seq_copy(self._source(key)[0], seq, 0, keep)
         a = Answer(tokens, limit, list(stop or []), seq,
                    Generation("", "length", len(tokens), 0, 0.0, 0.0, dict(selection), reused_prefix=reused),
                    cancel if cancel is not None else threading.Event(), key, sampler, todo=keep, pos=keep, t0=t0,
                    reserved=len(tokens) - keep + limit, ignore_eos=bool(ignore_eos))
         self._reserved += a.reserved
         self.answers.append(a)
-        e._busy.update(n for n, _ in key)
+        self._pin()
         return a
 
     # -- decoding ---------------------------------------------------------------------------
@@ -290,7 +333,7 @@ class ContinuousBatch:
         if a.t_first is not None and a.n > 1:
             a.gen.decode_tps = (a.n - 1) / max(a.t_end - a.t_first, 1e-9)
         self.answers.remove(a)
-        self._e._busy = {n for x in self.answers for n, _ in x.key}
+        self._pin()
         self._reserved -= a.reserved
         self._b.memory_seq_drop(a.seq)
         self._free.append(a.seq)
@@ -303,8 +346,66 @@ class ContinuousBatch:
         the context applies the home set again."""
         for a in list(self.answers):
             self._end(a, reason)
-        self._e._busy = set()
+        for key in list(self._holders):
+            self._release(key)
         self._configure({self._e._applied})
+
+    # -- prefix holders of the sets other than the home set ----------------------------------
+    def _hold(self, key: tuple, prefix: list[int]) -> int | None:
+        """Give `key` a holder sequence with `prefix` (from the prompt cache where it has it,
+        prefilled otherwise), so its answers share those K/V; returns the prefix tokens not
+        computed now, or None when no holder was made (no free holder sequence, a short prefix,
+        or no room: the answer prefills its whole prompt)."""
+        if not self._holder_seqs and self._idle():
+            self._release(self._idle()[0])     # the sequence of a holder nothing shares now
+        if not self._holder_seqs or len(prefix) < MIN_REUSE:
+            return None
+        e, b = self._e, self._b
+        h = _Holder(self._holder_seqs.pop(), list(prefix))
+        self._holders[key] = h
+        self._pin()
+        try:
+            self._configure({a.key for a in self.answers} | {key})
+            done = 0
+            hit = e.prompt_cache.best(e._set_key(key), prefix, len(prefix), at_least=MIN_REUSE) \
+                if e.prompt_cache.enabled else None
+            if hit is not None:
+                state, _, keep = hit
+                if len(prefix) - keep == 1:
+                    keep -= 1
+                if b.state_restore(state, seq=h.seq) and b.memory_seq_drop(h.seq, keep):
+                    done = keep
+                else:
+                    b.memory_seq_drop(h.seq)
+            reused = done
+            rest = prefix[done:]
+            while rest:
+                n = min(len(rest), b.n_batch)
+                if len(rest) - n == 1:
+                    n -= 1       # never decode one prompt token alone
+                b.decode_seqs(rest[:n], list(range(done, done + n)), [h.seq] * n, [False] * n)
+                done, rest = done + n, rest[n:]
+            return reused
+        except BaseException:
+            self._release(key, save=False)
+            raise
+
+    def _release(self, key: tuple, save: bool = True) -> None:
+        """Drop `key`'s holder (no answer may share it any more), its prefix kept in the prompt
+        cache."""
+        h = self._holders.pop(key)
+        e, b = self._e, self._b
+        if save and e.prompt_cache.enabled and len(h.tokens) >= MIN_REUSE:
+            state = b.state_save(e.prompt_cache.budget_bytes, seq=h.seq)
+            if state is not None:
+                e.prompt_cache.put(e._set_key(key), h.tokens, state)
+        b.memory_seq_drop(h.seq)
+        self._holder_seqs.append(h.seq)
+        self._pin()
+
+    def _pin(self) -> None:
+        """The adapters of running answers and holders: the engine never evicts them."""
+        self._e._busy = {n for k in [a.key for a in self.answers] + list(self._holders) for n, _ in k}
 
     def _configure(self, keys: set[tuple]) -> None:
         """Make the context apply what the next step's rows need: one adapter set alone (as a
@@ -323,6 +424,7 @@ class ContinuousBatch:
             self._b.set_adapters([self._e._adapters[n].handle for n in names], [1.0] * len(names))
             self._config = ("mixed", union)
         per_seq = {a.seq: dict(a.key) for a in self.answers}
+        per_seq.update((h.seq, dict(k)) for k, h in self._holders.items())
         for n in names:
             scales = [per_seq.get(q, {}).get(n, 0.0) for q in range(self._b.n_seq_max)]
             if self._seq_scales.get(n) != scales:

@@ -30,6 +30,7 @@ from .adapter_spec import UNSET as _UNSET
 from .bundles import AdapterBundle
 from .errors import AdapterError, InputError
 from .batching import BatchMethods
+from .continuous import PREFIX_HOLDERS
 from .generation import Generation, Stats, Stream
 from .gguf_info import AdapterInfo, BaseInfo, base_info, inspect_adapter
 from .models import BaseModel, Progress, resolve_base
@@ -82,10 +83,12 @@ class Engine(BatchMethods):
         self.base: BaseModel = resolve_base(base, progress=progress)
         self.info: BaseInfo = base_info(self.base.path)
         t0 = time.perf_counter()
+        holders = PREFIX_HOLDERS if _llama.mixed_adapter_batches() else 0
+        self._parallel = int(parallel)
         self._b = _llama.Backend(str(self.base.path), n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch,
                                  n_gpu_layers=n_gpu_layers, use_mmap=use_mmap, use_mlock=use_mlock,
                                  flash_attn=flash_attn, verbose=verbose,
-                                 n_seq_max=int(parallel) + 1 if parallel else 1)
+                                 n_seq_max=int(parallel) + 1 + holders if parallel else 1)
         self.flash_attn = flash_attn
         self.load_ms = (time.perf_counter() - t0) * 1e3
         self.memory_budget_mb = memory_budget_mb
@@ -114,13 +117,14 @@ class Engine(BatchMethods):
 
     @property
     def n_seq_max(self) -> int:
-        """llama.cpp sequences in the context: `parallel` answers plus one for the shared prefix."""
+        """llama.cpp sequences in the context: `parallel` answers, one for the shared prompt prefix,
+        and (when the build mixes adapter sets in a batch) PREFIX_HOLDERS for other sets' prefixes."""
         return self._b.n_seq_max
 
     @property
     def parallel(self) -> int:
         """How many answers a batch (`batch`, `run_many`, the server) decodes together."""
-        return max(0, self._b.n_seq_max - 1)
+        return self._parallel
 
     @property
     def adapters(self) -> dict[str, LoadedAdapter]:
@@ -258,13 +262,17 @@ class Engine(BatchMethods):
         t0 = time.perf_counter()
         self._b.set_adapters([self._adapters[n].handle for n, _ in target], [s for _, s in target])
         self._applied = target
-        self._applied_key = tuple((n, self._adapters[n].version, s) for n, s in target)
+        self._applied_key = self._set_key(target)
         self._invalidate_kv()
         dt = (time.perf_counter() - t0) * 1e3
         self.stats.swaps += 1
         self.stats.last_swap_ms = dt
         self.stats.swap_ms.append(dt)
         del self.stats.swap_ms[:-1000]
+
+    def _set_key(self, target: tuple) -> AdapterSetKey:
+        """The prompt cache's key of an adapter set ((name, scale), ...): each file's version too."""
+        return tuple((n, self._adapters[n].version, s) for n, s in target)
 
     def _save_prompt(self) -> None:
         """Before a swap clears it: keep the K/V of the batched prompt prefix under its adapter set."""

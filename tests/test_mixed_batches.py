@@ -80,31 +80,33 @@ def _rows(b, handles, scales, tokens, pos, seqs, want, per_seq=()):
 @needs_patch
 @pytest.mark.parametrize("outputs", ["every row", "last rows only"])
 def test_rows_of_a_mixed_step_equal_the_same_rows_under_their_own_set(eng, raw, outputs):
-    """Four sequences, four sets (a; b at 0.5; a+c; e, which adapts the embeddings and the head)
-    in one llama_decode: each row's logits equal those of the same batch decoded under that row's
-    set alone, bit for bit. 'last rows only' keeps logits for a few rows, so the last layer and
-    the head run on the output rows (out_ids)."""
+    """Five sequences, five sets (a; b at 0.5; a+c; e, which adapts the embeddings and the head;
+    a at 0.5) in one llama_decode: each row's logits equal those of the same batch decoded under
+    that row's set alone, bit for bit. b and c each have one scale (rows switched on and off
+    before B); a has two (1.0 and 0.5: each row's product scaled by its own). 'last rows only'
+    keeps logits for a few rows, so the last layer and the head run on the output rows."""
     b = raw
     h = {n: eng._adapters[n].handle for n in ("a", "b", "c", "e")}
-    toks = [eng.tokenize(p) for p in PROMPTS[:4]]
+    toks = [eng.tokenize(p) for p in PROMPTS[:5]]
     tokens = [t for ts in toks for t in ts]
     pos = [i for ts in toks for i in range(len(ts))]
     seqs = [s + 1 for s, ts in enumerate(toks) for _ in ts]
-    ends = {sum(len(x) for x in toks[:k + 1]) - 1 for k in range(4)}
+    ends = {sum(len(x) for x in toks[:k + 1]) - 1 for k in range(5)}
     want = [True] * len(tokens) if outputs == "every row" else [i in ends or i == 1 for i in range(len(tokens))]
-    own = [([h["a"]], [1.0]), ([h["b"]], [0.5]), ([h["a"], h["c"]], [1.0, 1.0]), ([h["e"]], [1.0])]
+    own = [([h["a"]], [1.0]), ([h["b"]], [0.5]), ([h["a"], h["c"]], [1.0, 1.0]), ([h["e"]], [1.0]),
+           ([h["a"]], [0.5])]
     alone = [_rows(b, hs, sc, tokens, pos, seqs, want) for hs, sc in own]
     mixed = _rows(b, [h["a"], h["b"], h["c"], h["e"]], [1.0] * 4, tokens, pos, seqs, want,
-                  per_seq=[(h["a"], [0, 1.0, 0, 1.0, 0]), (h["b"], [0, 0, 0.5, 0, 0]), (h["c"], [0, 0, 0, 1.0, 0]),
-                           (h["e"], [0, 0, 0, 0, 1.0])])
+                  per_seq=[(h["a"], [0, 1.0, 0, 1.0, 0, 0.5]), (h["b"], [0, 0, 0.5, 0, 0, 0]),
+                           (h["c"], [0, 0, 0, 1.0, 0, 0]), (h["e"], [0, 0, 0, 0, 1.0, 0])])
     base = _rows(b, [], [], tokens, pos, seqs, want)
     checked = 0
     for i, s in enumerate(seqs):
         if want[i]:
             assert np.array_equal(mixed[i], alone[s - 1][i]), (i, s)
             checked += 1
-    assert checked >= 5
-    for k in (1, 2, 3):                                   # the sets really differ
+    assert checked >= 6
+    for k in (1, 2, 3, 4):                                # the sets really differ
         assert max(np.abs(alone[0][i] - alone[k][i]).max() for i in mixed) > 1e-2
     assert max(np.abs(base[i] - alone[0][i]).max() for i in mixed) > 1e-2
     head = [i for i in mixed if seqs[i] == 4]             # e's head LoRA moves its output rows a lot
@@ -207,3 +209,129 @@ def test_a_batch_that_does_not_mix_keeps_one_set_at_a_time(eng):
         while cb.answers:
             cb.step()
     assert got.gen.text == want_b and got.gen.adapters == {"b": 1.0}
+
+
+SYSTEM = "<|im_start|>system\nYou answer in one short line, politely, and never add anything else.<|im_end|>\n"
+
+
+def _asks(n: int) -> list[str]:
+    return [SYSTEM + f"<|im_start|>user\nitem {i}: " + "what " * (i % 3) + "<|im_end|>\n<|im_start|>assistant\n"
+            for i in range(n)]
+
+
+@needs_patch
+def test_each_set_shares_its_own_prefix_holder_and_the_prompt_cache_keeps_it(tiny_base, adapters):
+    """The home set shares sequence 0; the first answer of another set makes that set a holder
+    (prefilled), later answers of the set share it; idle holders stay until the batch starts
+    over, when their K/V go to the prompt cache under their set, so the set's next first answer
+    restores them. Every answer equals its solo answer, and nothing is reused across sets."""
+    e = Engine(str(tiny_base), n_ctx=4096, n_threads=1)
+    try:
+        for n, p in adapters.items():
+            e.load_adapter(str(p), name=n)
+        asks = _asks(6)
+        sets = ["a", "b", "b", "a", "c", "b"]
+        solo = [e.complete(p, adapter=s, max_tokens=12) for p, s in zip(asks, sets)]
+        e.reset()
+        e.prompt_cache.clear()          # what b's late answer restores must come from its holder
+        toks = [e.tokenize(p) for p in asks]
+        with e.batch("a") as cb:
+            got = [cb.add(toks[0], max_tokens=12, adapter="a")]
+            cb.step()
+            got += [cb.add(toks[i], max_tokens=12, adapter=sets[i]) for i in (1, 2, 3, 4)]
+            assert set(cb._holders) == {(("b", 1.0),), (("c", 1.0),)}
+            while cb.answers:
+                cb.step()
+            assert set(cb._holders) == {(("b", 1.0),), (("c", 1.0),)}   # idle: kept until needed
+            before = e.prompt_cache.report()["entries"]
+            first = cb.add(toks[0], max_tokens=12, adapter="a")   # an empty batch starts over
+            assert not cb._holders
+            saved = e.prompt_cache.report()["entries"] - before    # the holders went to the prompt cache
+            late_b = cb.add(toks[5], max_tokens=12, adapter="b")   # b's prefix comes back from it
+            while cb.answers:
+                cb.step()
+        prefix = len(e.tokenize(SYSTEM))
+        assert got[1].gen.reused_prefix == 0 or got[1].gen.reused_prefix >= prefix - 2  # b's first: prefilled
+        assert got[2].gen.reused_prefix >= prefix     # shared b's holder
+        assert got[3].gen.reused_prefix >= prefix     # shared sequence 0 (home set a)
+        assert saved >= 2 and late_b.gen.reused_prefix >= prefix
+        assert [a.gen.text for a in got] + [late_b.gen.text] == [g.text for g in solo[:5]] + [solo[5].text]
+        assert first.gen.text == solo[0].text
+    finally:
+        e.close()
+
+
+@needs_patch
+def test_holders_count_in_the_cell_budget(tiny_base, adapters):
+    """A holder's cells count like sequence 0's: admission never promises cells held by one."""
+    e = Engine(str(tiny_base), n_ctx=1024, n_threads=1, prompt_cache_mb=0)
+    try:
+        for n in ("a", "b"):
+            e.load_adapter(str(adapters[n]), name=n)
+        asks = [e.tokenize(p) for p in _asks(4)]
+        with e.batch("a") as cb:
+            cb.add(asks[0], max_tokens=40)
+            cb.add(asks[1], max_tokens=40, adapter="b")
+            held = cb._held()
+            assert held >= 2 * (len(asks[0]) - 2)
+            shared = cb._shared(asks[2], (("b", 1.0),))
+            assert shared >= len(cb.tokenize(SYSTEM))          # it would share b's holder
+            most = 1024 - held - cb._reserved - (len(asks[2]) - shared)
+            assert cb.fits(asks[2], most, "b") and not cb.fits(asks[2], most + 1, "b")
+            while cb.answers:
+                cb.step()
+    finally:
+        e.close()
+
+
+@needs_patch
+def test_a_new_scale_value_is_never_served_by_the_previous_graph(eng, raw):
+    """One nonzero per-sequence scale is baked into the graph (rows switched on and off): a new
+    value, the same batch shape otherwise, must rebuild it rather than reuse the old one."""
+    b = raw
+    ha, hb = eng._adapters["a"].handle, eng._adapters["b"].handle
+    toks = [eng.tokenize(p) for p in PROMPTS[:2]]
+    tokens, pos = toks[0] + toks[1], list(range(len(toks[0]))) + list(range(len(toks[1])))
+    seqs = [1] * len(toks[0]) + [2] * len(toks[1])
+    want = [True] * len(tokens)
+    scales = (1.0, 0.5, 0.25, 1.0)
+    alone = [_rows(b, [ha], [s], tokens, pos, seqs, want) for s in scales]
+    b.set_adapters([ha, hb], [1.0, 1.0])
+    b.set_adapter_seq_scales(hb, [0, 0, 1.0])
+    for s, ref in zip(scales, alone):       # only the value changes between these decodes
+        b.set_adapter_seq_scales(ha, [0, s, 0])
+        b.memory_clear()
+        b.decode_seqs(tokens, pos, seqs, want)
+        assert all(np.array_equal(b.logits_at(i), ref[i]) for i in range(len(toks[0]))), s
+
+
+@needs_patch
+@pytest.mark.slow
+def test_shipped_adapters_mixed_in_one_batch_agree_with_run(base_path):
+    """The real base and three shipped task adapters, their requests interleaved in one batch
+    (each under its card's prompt, grammar and limits): the answers are the ones `run` gives
+    alone, within the batched-kernel bound run_many has (at most one differs), and all parse."""
+    texts = {"sentiment": ["Shares fell 5% after the report.", "Profit rose sharply in the third quarter."],
+             "ner": ["Angela Merkel visited Paris.", "Tim Cook met Joe Biden in Washington."],
+             "classification": ["my card got declined at the store", "how do I change my pin number"]}
+    with Engine(str(base_path), n_ctx=2048, n_threads=2) as e:
+        jobs = []
+        for name, ts in texts.items():
+            e.load_adapter(name)
+            task = e.task_for(name)
+            for t in ts:
+                toks = e.tokenize(e.chat_prompt(task.messages(t, system=True, shots=0)))
+                jobs.append((name, task, toks, e.run(t, adapter=name)))
+        steps = e.stats.mixed_steps
+        with e.batch("sentiment") as cb:
+            got = [cb.add(toks, adapter=name, max_tokens=task.max_tokens, stop=task.stop,
+                          temperature=task.temperature, grammar=task.output.grammar())
+                   for name, task, toks, _ in jobs[::2] + jobs[1::2]]
+            while cb.answers:
+                cb.step()
+        assert e.stats.mixed_steps - steps >= 3
+        solo = [j[3] for j in jobs[::2] + jobs[1::2]]
+        same = sum(a.gen.text == s.text for a, s in zip(got, solo))
+        assert same >= len(got) - 1, [(a.gen.text, s.text) for a, s in zip(got, solo)]
+        tasks = [j[1] for j in jobs[::2] + jobs[1::2]]
+        assert all(t.output.parse(a.gen.text) is not None for t, a in zip(tasks, got))

@@ -495,27 +495,33 @@ class Backend:
             return bool(_memory_seq_rm(_get_memory(self.ctx), 0, keep, -1))
         return bool(_kv_seq_rm(self.ctx, 0, keep, -1))
 
-    def state_save(self, limit: int | None = None) -> bytearray | None:
-        """Sequence 0's KV state (cells, positions, K and V) as bytes: llama_state_seq_get_data;
+    def state_save(self, limit: int | None = None, seq: int = 0) -> bytearray | None:
+        """A sequence's KV state (cells, positions, K and V) as bytes: llama_state_seq_get_data;
         None, without copying, when it is larger than `limit` bytes."""
-        n = int(llama_cpp.llama_state_seq_get_size(self.ctx, 0))
+        n = int(llama_cpp.llama_state_seq_get_size(self.ctx, seq))
         if limit is not None and n > limit:
             return None
         buf = bytearray(n)
         if n:
-            got = int(llama_cpp.llama_state_seq_get_data(self.ctx, (ctypes.c_uint8 * n).from_buffer(buf), n, 0))
+            got = int(llama_cpp.llama_state_seq_get_data(self.ctx, (ctypes.c_uint8 * n).from_buffer(buf), n, seq))
             del buf[got:]
         return buf
 
-    def state_restore(self, state: bytearray) -> bool:
-        """Replace sequence 0 with a saved state; False (and an empty memory) if llama.cpp refuses it."""
-        self.memory_clear()
+    def state_restore(self, state: bytearray, seq: int = 0) -> bool:
+        """Put a saved state in a sequence: sequence 0 replaces the whole memory (cleared first);
+        another sequence (empty) is restored beside the others. False if llama.cpp refuses it
+        (the memory then cleared, or for another sequence that sequence dropped)."""
+        if seq == 0:
+            self.memory_clear()
         n = len(state)
         if not n:
             return False
-        ok = int(llama_cpp.llama_state_seq_set_data(self.ctx, (ctypes.c_uint8 * n).from_buffer(state), n, 0)) > 0
+        ok = int(llama_cpp.llama_state_seq_set_data(self.ctx, (ctypes.c_uint8 * n).from_buffer(state), n, seq)) > 0
         if not ok:
-            self.memory_clear()
+            if seq == 0:
+                self.memory_clear()
+            else:
+                self.memory_seq_drop(seq)
         return ok
 
     # -- adapters -----------------------------------------------------------------------
