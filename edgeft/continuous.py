@@ -283,7 +283,8 @@ class ContinuousBatch:
         for a in self.answers:
             if n > a.gen.batch_size:
                 a.gen.batch_size = n
-        self._b.decode_seqs([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows])
+        self._b.decode_seqs([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows],
+                            step=True)
         for row, r in enumerate(rows):
             a = r[4]
             if a is None:

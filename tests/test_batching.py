@@ -26,7 +26,7 @@ def test_run_many_equals_run_one_by_one_on_the_tiny_base(tiny_engine, monkeypatc
     b = tiny_engine._b
     calls = []
     real = b.decode_seqs
-    monkeypatch.setattr(b, "decode_seqs", lambda toks, *a: calls.append(len(toks)) or real(toks, *a))
+    monkeypatch.setattr(b, "decode_seqs", lambda toks, *a, **k: calls.append(len(toks)) or real(toks, *a, **k))
     many = tiny_engine.run_many(TEXTS, task=CARD)
     assert [g.text for g in many] == [g.text for g in solo]
     # really batched: one decode per step carries several answers' tokens

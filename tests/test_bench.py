@@ -12,7 +12,7 @@ import gguf
 import numpy as np
 import pytest
 
-from edgeft import bench
+from edgeft import _llama, bench
 from edgeft.errors import InputError
 
 
@@ -245,8 +245,11 @@ def test_bench_quick_json(tmp_path, base_path):
         _num(v["tps"], 0, 10_000)
     assert cc["edgeft"]["same_8_cache_on"]["largest_batch"] >= 4  # the 8 clients shared decode steps
     assert r["targets"][9]["value"] == cc["eight_over_one_same"]
-    assert r["targets"][10]["met"] is None and r["targets"][11]["met"] is None   # no llama-server given
-    assert len(r["targets"]) == 12
+    assert all(r["targets"][i]["met"] is None for i in (10, 11, 12))   # no llama-server given
+    assert len(r["targets"]) == 13
+    mixed = cc["edgeft"]["mixed_8_cache_on"]
+    assert mixed["mixed_steps"] > 0 if _llama.mixed_adapter_batches() else mixed["mixed_steps"] == 0
+    assert 0.0 <= mixed["identical_to_alone"] <= 1.0
     assert all(t["met"] in (True, False, None) for t in r["targets"])
     assert r["evictions"] is None and r["llama_bench"] is None  # laptop profile, no binary given
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -37,7 +37,7 @@ def test_answers_joining_mid_decode_equal_their_solo_answers(tiny_engine):
     calls = []
     b = tiny_engine._b
     real = b.decode_seqs
-    b.decode_seqs = lambda t, *a: calls.append(len(t)) or real(t, *a)
+    b.decode_seqs = lambda t, *a, **k: calls.append(len(t)) or real(t, *a, **k)
     try:
         with tiny_engine.batch() as cb:
             got = _drive(cb, {0: [(toks[0], {"max_tokens": 20})], 3: [(toks[1], {"max_tokens": 20}),

@@ -64,12 +64,12 @@ def raw(eng):
     eng._invalidate_kv()
 
 
-def _rows(b, handles, scales, tokens, pos, seqs, want, per_seq=()):
+def _rows(b, handles, scales, tokens, pos, seqs, want, per_seq=(), step=False):
     b.memory_clear()
     b.set_adapters(handles, scales)
     for h, sc in per_seq:
         b.set_adapter_seq_scales(h, sc)
-    b.decode_seqs(tokens, pos, seqs, want)
+    b.decode_seqs(tokens, pos, seqs, want, step=step)
     out = {i: b.logits_at(i).copy() for i, w in enumerate(want) if w}
     for h, _ in per_seq:
         b.set_adapter_seq_scales(h, [])
@@ -335,3 +335,28 @@ def test_shipped_adapters_mixed_in_one_batch_agree_with_run(base_path):
         assert same >= len(got) - 1, [(a.gen.text, s.text) for a, s in zip(got, solo)]
         tasks = [j[1] for j in jobs[::2] + jobs[1::2]]
         assert all(t.output.parse(a.gen.text) is not None for t, a in zip(tasks, got))
+
+
+@pytest.mark.skipif(_llama.patch_level() < 5, reason="needs llama.cpp built with cmake/patches 0004 (setup.sh)")
+def test_decode_steps_fuse_lora_token_by_token_and_mixed_rows_stay_exact(eng, raw):
+    """A batch's decode step (`step=True`, at most 64 rows) computes each adapter's LoRA products
+    token by token with the single-token kernels (patch 0004): the fusion engages (the CPU
+    backend counts fused chains), the logits stay within rounding of llama.cpp's graph ops, and a
+    mixed step's rows still equal the same rows under their own set alone."""
+    b = raw
+    h = {n: eng._adapters[n].handle for n in ("a", "b", "c")}
+    toks = [eng.tokenize(p)[:12] for p in PROMPTS[:3]]
+    tokens = [t for ts in toks for t in ts]
+    pos = [i for ts in toks for i in range(len(ts))]
+    seqs = [s + 1 for s, ts in enumerate(toks) for _ in ts]
+    want = [True] * len(tokens)
+    per_seq = [(h["a"], [0, 1.0, 0, 0.5]), (h["b"], [0, 0, 1.0, 0]), (h["c"], [0, 0, 1.0, 0])]
+    before = _llama.lora_fused_chains()
+    mixed = _rows(b, list(h.values()), [1.0] * 3, tokens, pos, seqs, want, per_seq=per_seq, step=True)
+    assert _llama.lora_fused_chains() - before >= 3 * 10      # every adapted matrix of the three adapters
+    alone = [_rows(b, hs, sc, tokens, pos, seqs, want, step=True)
+             for hs, sc in (([h["a"]], [1.0]), ([h["b"], h["c"]], [1.0, 1.0]), ([h["a"]], [0.5]))]
+    for i, s in enumerate(seqs):
+        assert np.array_equal(mixed[i], alone[s - 1][i]), (i, s)
+    graph = _rows(b, list(h.values()), [1.0] * 3, tokens, pos, seqs, want, per_seq=per_seq)
+    assert max(np.abs(graph[i] - mixed[i]).max() for i in mixed) < 1e-2

@@ -139,7 +139,8 @@ def patch_level() -> int:
     build, 1 when swapping same-shape adapter sets skips the scheduler re-reserve, 3 when the
     CPU backend also fuses each adapter's LoRA ops for single-token decode (2: an earlier
     version of that fusion, wrong on repacked bases, which edgeft turns off), 4 when adapters
-    also take per-sequence scales (patch 0003: mixed adapter sets in one batch)."""
+    also take per-sequence scales (patch 0003: mixed adapter sets in one batch), 5 when a
+    batch's decode steps also fuse LoRA token by token (patch 0004)."""
     fn = getattr(llama_cpp.llama_cpp._lib, "edgeft_llama_patch_level", None)
     if fn is None:
         return 0
@@ -151,6 +152,14 @@ def mixed_adapter_batches() -> bool:
     """Whether this build decodes sequences under different adapter sets in one batch: patch
     0003 gives each adapter per-sequence scales (`edgeft_llama_set_adapter_seq_scales`)."""
     return _seq_scales_fn() is not None
+
+
+@functools.cache
+def _rows_fusion_fn() -> Any:
+    fn = getattr(llama_cpp.llama_cpp._lib, "edgeft_llama_set_lora_rows_fusion", None)
+    if fn is not None:
+        fn.restype, fn.argtypes = ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32]
+    return fn
 
 
 @functools.cache
@@ -258,7 +267,8 @@ def api_names() -> dict[str, str]:
         "set_adapters": getattr(_set_adapters or _set_adapter_one, "__name__", "?"),
         "memory": "llama_memory_*" if _memory_clear else "llama_kv_*",
         "patch_level": str(patch_level()),
-        "lora_decode": ("fused (patch 0002)" if lora_decode_fused() else
+        "lora_decode": ("fused (patch 0002; decode batches: 0004)" if lora_decode_fused() and patch_level() >= 5 else
+                        "fused (patch 0002)" if lora_decode_fused() else
                         "graph ops (this build has an old patch 0002: rerun ./setup.sh)" if patch_level() == 2 else
                         "graph ops"),
         "adapter_batches": ("mixed: sequences under different adapter sets share a step (patch 0003)"
@@ -310,6 +320,7 @@ class Backend:
         self.n_ctx = int(llama_cpp.llama_n_ctx(self.ctx))
         self.n_seq_max = int(llama_cpp.llama_n_seq_max(self.ctx))
         self._batch = None   # a reusable llama_batch for multi-sequence decodes, made on first use
+        self._rows_fused = False   # patch 0004's setting on the context (see _lora_rows)
         self.n_batch = n_batch
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
         self.n_threads = threads
@@ -381,6 +392,7 @@ class Backend:
     # -- evaluation ---------------------------------------------------------------------
     def decode(self, tokens: Sequence[int]) -> None:
         """Append tokens to sequence 0 (positions follow what the KV memory holds)."""
+        self._lora_rows(False)
         doing("generating an answer (the adapters in use, the grammar or the sampling values may be at fault)")
         n = len(tokens)
         for i in range(0, n, self.n_batch):
@@ -397,9 +409,13 @@ class Backend:
             raise InputError(f"llama_decode failed (code {rc})", "the context is full; use a larger --ctx")
 
     def decode_seqs(self, tokens: Sequence[int], pos: Sequence[int], seqs: Sequence[int],
-                    want: Sequence[bool]) -> None:
+                    want: Sequence[bool], *, step: bool = False) -> None:
         """One llama_decode of tokens for several sequences (at most n_batch): token i goes to
-        sequence seqs[i] at position pos[i]; rows with want[i] keep logits (`logits_at(i)`)."""
+        sequence seqs[i] at position pos[i]; rows with want[i] keep logits (`logits_at(i)`).
+        `step`: a decode step of a batch, whose K/V no later request reuses: LoRA products are
+        then computed token by token as in single-token decoding (patch 0004), faster and equal
+        to a lone token's; never for a prompt whose K/V may be reused."""
+        self._lora_rows(step)
         n = len(tokens)
         if not 0 < n <= self.n_batch:
             raise ValueError(f"decode_seqs takes 1..{self.n_batch} tokens, got {n}")
@@ -449,6 +465,7 @@ class Backend:
 
     def logits_for(self, tokens: Sequence[int]) -> np.ndarray:
         """Logits after each token of `tokens`, from an empty KV memory: shape (len, n_vocab)."""
+        self._lora_rows(False)
         self.memory_clear()
         out = np.empty((len(tokens), self.n_vocab), dtype=np.float32)
         for i in range(0, len(tokens), self.n_batch):
@@ -553,6 +570,12 @@ class Backend:
         _clear_adapters(self.ctx)
         for h, s in zip(handles, scales):
             _set_adapter_one(self.ctx, h, float(s))
+
+    def _lora_rows(self, on: bool) -> None:
+        fn = _rows_fusion_fn()
+        if fn is not None and on != self._rows_fused:
+            fn(self.ctx, int(on))
+            self._rows_fused = on
 
     def set_adapter_seq_scales(self, handle: Any, scales: Sequence[float]) -> None:
         """Per-sequence scales for an adapter of the current set (patch 0003): sequence i's rows
