@@ -26,30 +26,45 @@ if TYPE_CHECKING:
 class BatchMethods:
     """Engine's bulk methods (Engine inherits them): they use its lock, adapter set and KV state."""
 
-    def run_many(self, texts: Sequence[str], *, adapter: AdapterSpec = UNSET, shots: int = 0,
+    def run_many(self, texts: Sequence[str], *, adapter: AdapterSpec = UNSET,
+                 adapters: Sequence[AdapterSpec] | None = None, shots: int = 0,
                  system: str | None | bool = True, task: "TaskSpec | None" = None,
                  cancel: threading.Event | None = None, **gen: Any) -> list[Generation]:
-        """`run` for many inputs under one adapter set, up to `parallel` answers decoded together
-        per llama_decode (edgeft/batching.py): for bulk jobs. Answers come back in input order."""
+        """`run` for many inputs, up to `parallel` answers decoded together per llama_decode
+        (edgeft/batching.py): for bulk jobs. Every input under `adapter`, or each under its own
+        (`adapters`, one spec per input, each with its task card: one batch serves them all on a
+        build with patch 0003). Answers come back in input order."""
         texts = list(texts)
         for t in texts:
             if not isinstance(t, str) or not t.strip():
                 raise InputError("empty input in the batch", "every input needs some text")
         gen = {k: v for k, v in gen.items() if v is not None}
-        if task is None:
-            task = self.task_for(adapter)
-        opts = dict(gen)
-        if task is not None:
-            opts = {"max_tokens": task.max_tokens, "temperature": task.temperature, "stop": task.stop,
-                    "grammar": task.output.grammar(), **gen}
-            prompts = [self.chat_prompt(task.messages(t, system=system, shots=shots)) for t in texts]
+        if adapters is not None:
+            specs = list(adapters)
+            if len(specs) != len(texts) or adapter is not UNSET or task is not None:
+                raise InputError("adapters= takes one adapter spec per input (and no adapter= or task=)")
         else:
-            prompts = [self.chat_prompt([{"role": "user", "content": t}]) for t in texts]
-        results = self.complete_many(prompts, adapter=adapter, cancel=cancel, **opts)
-        if task is not None:
-            for r in results:
+            specs = [adapter] * len(texts)
+        tasks: dict[str, "TaskSpec | None"] = {}
+        items = []
+        for t, spec in zip(texts, specs):
+            k = repr(spec)
+            if k not in tasks:
+                tasks[k] = task if task is not None else self.task_for(spec)
+            card = tasks[k]
+            if card is not None:
+                opts = {"max_tokens": card.max_tokens, "temperature": card.temperature, "stop": card.stop,
+                        "grammar": card.output.grammar(), **gen}
+                prompt = self.chat_prompt(card.messages(t, system=system, shots=shots))
+            else:
+                opts, prompt = dict(gen), self.chat_prompt([{"role": "user", "content": t}])
+            items.append((prompt, spec, opts))
+        results = self._answer_all(items, cancel)
+        for r, t, spec in zip(results, texts, specs):
+            card = tasks[repr(spec)]
+            if card is not None:
                 try:
-                    r.value = task.output.parse(r.text)
+                    r.value = card.output.parse(r.text)
                 except InputError:
                     r.value = None
         return results
@@ -58,19 +73,8 @@ class BatchMethods:
                       stop: Sequence[str] = (), cancel: threading.Event | None = None, **sampling: Any) -> list[Generation]:
         """`complete` for many raw prompts under one adapter set, decoded together (see run_many).
         `sampling`: temperature, top_p, top_k, min_p, seed, grammar (one value for all)."""
-        prompts = list(prompts)
-        for p in prompts:
-            if not isinstance(p, str) or not p:
-                raise InputError("empty prompt in the batch", "every prompt needs some text")
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral) or max_tokens < 0:
-            raise InputError(f"max_tokens must be a whole number >= 0, got {max_tokens!r}")
-        unknown = set(sampling) - _SAMPLING
-        if unknown:
-            raise InputError(f"unknown option(s) for a batch: {', '.join(sorted(unknown))}")
-        if not prompts:
-            return []
-        return self._generate_many(prompts, adapter, _llama.Sampling(**sampling), int(max_tokens), list(stop or []),
-                                   cancel if cancel is not None else threading.Event())
+        opts = {"max_tokens": max_tokens, "stop": stop, **sampling}
+        return self._answer_all([(p, adapter, opts) for p in prompts], cancel)
 
     @contextlib.contextmanager
     def batch(self, adapter: AdapterSpec = UNSET, *, mixed: bool = True) -> Iterator[ContinuousBatch]:
@@ -91,22 +95,39 @@ class BatchMethods:
                 raise
             cb.close()
 
-    def _generate_many(self, prompts: list[str], adapter: AdapterSpec, sampling: _llama.Sampling,
-                       max_tokens: int, stop: list[str], cancel: threading.Event) -> list[Generation]:
-        toks = [self.tokenize(p) for p in prompts]
-        for t in toks:
-            if len(t) >= self.n_ctx:
-                raise InputError(f"a prompt has {len(t)} tokens; the context holds {self.n_ctx}",
+    def _answer_all(self, items: list[tuple[str, AdapterSpec, dict]], cancel: threading.Event | None) -> list[Generation]:
+        """(prompt, adapter spec, options) -> Generation each, in order, through one batch."""
+        for p, _, opts in items:
+            if not isinstance(p, str) or not p:
+                raise InputError("empty prompt in the batch", "every prompt needs some text")
+            mt = opts.get("max_tokens", 256)
+            if isinstance(mt, bool) or not isinstance(mt, numbers.Integral) or mt < 0:
+                raise InputError(f"max_tokens must be a whole number >= 0, got {mt!r}")
+            unknown = set(opts) - _SAMPLING - {"max_tokens", "stop"}
+            if unknown:
+                raise InputError(f"unknown option(s) for a batch: {', '.join(sorted(unknown))}")
+        if not items:
+            return []
+        cancel = cancel if cancel is not None else threading.Event()
+        plans = [(self.tokenize(p), spec, int(o.get("max_tokens", 256)), list(o.get("stop") or []),
+                  _llama.Sampling(**{k: v for k, v in o.items() if k in _SAMPLING})) for p, spec, o in items]
+        for toks, *_ in plans:
+            if len(toks) >= self.n_ctx:
+                raise InputError(f"a prompt has {len(toks)} tokens; the context holds {self.n_ctx}",
                                  "shorten the input or raise --ctx")
         if self.parallel < 1:   # a single-sequence context: one request at a time
-            return [self.complete(p, adapter=adapter, max_tokens=max_tokens, stop=stop, cancel=cancel,
-                                  **vars(sampling)) for p in prompts]
-        out: list[Answer | None] = [None] * len(toks)
-        with self.batch(adapter) as cb:
+            return [self.complete(p, adapter=spec, max_tokens=mt, stop=stop, cancel=cancel, **vars(smp))
+                    for (p, _, _), (_, spec, mt, stop, smp) in zip(items, plans)]
+        out: list[Answer | None] = [None] * len(plans)
+        with self.batch(plans[0][1]) as cb:
             i = 0
-            while i < len(toks) or cb.answers:
-                while i < len(toks) and not cancel.is_set() and cb.fits(toks[i], max_tokens):
-                    out[i] = cb.add(toks[i], max_tokens=max_tokens, stop=stop, cancel=cancel, **vars(sampling))
+            while i < len(plans) or cb.answers:
+                while i < len(plans) and not cancel.is_set():
+                    toks, spec, mt, stop, smp = plans[i]
+                    sel = cb.resolve(spec)
+                    if not cb.fits(toks, mt, sel):
+                        break
+                    out[i] = cb.add(toks, max_tokens=mt, stop=stop, cancel=cancel, adapter=sel, **vars(smp))
                     i += 1
                 if cancel.is_set() and not cb.answers:
                     break
@@ -114,14 +135,8 @@ class BatchMethods:
         failed = next((a.error for a in out if a is not None and a.error is not None), None)
         if failed is not None:
             raise failed
-        gens = []
-        for t, a in zip(toks, out):
-            if a is None:    # cancelled before it started
-                a_gen = Generation("", "cancelled", len(t), 0, 0.0, 0.0, dict(cb.selection))
-            else:
-                a_gen = a.gen
-            gens.append(a_gen)
-        return gens
+        return [a.gen if a is not None else   # cancelled before it started
+                Generation("", "cancelled", len(toks), 0, 0.0, 0.0, {}) for a, (toks, *_) in zip(out, plans)]
 
     def _place_prefix(self, prefix: list[int]) -> int:
         """Put `prefix` (K/V from a batched decode) in sequence 0 and nothing else in memory:

@@ -6,6 +6,10 @@ are never evicted; a build or batch without mixing keeps one set per batch."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -360,3 +364,27 @@ def test_decode_steps_fuse_lora_token_by_token_and_mixed_rows_stay_exact(eng, ra
         assert np.array_equal(mixed[i], alone[s - 1][i]), (i, s)
     graph = _rows(b, list(h.values()), [1.0] * 3, tokens, pos, seqs, want, per_seq=per_seq)
     assert max(np.abs(graph[i] - mixed[i]).max() for i in mixed) < 1e-2
+
+
+def test_run_many_answers_each_input_under_its_own_adapter(eng, adapters, tmp_path, tiny_base):
+    """`run_many(texts, adapters=[...])`: one spec per input (a set, a mix, none), each answered as
+    `run` answers it alone; on a build with patch 0003 in shared steps. `edgeft run --jsonl`
+    batches waiting lines across adapters the same way."""
+    texts = [f"request {i}: " + "y" * i for i in range(6)]
+    specs = ["a", "b", None, {"a": 0.5, "c": 1.0}, "c", "a"]
+    solo = [eng.run(t, adapter=s, max_tokens=10) for t, s in zip(texts, specs)]
+    steps = eng.stats.mixed_steps
+    many = eng.run_many(texts, adapters=specs, max_tokens=10)
+    assert [g.text for g in many] == [g.text for g in solo]
+    assert [g.adapters for g in many] == [g.adapters for g in solo]
+    assert (eng.stats.mixed_steps > steps) == _llama.mixed_adapter_batches()
+    with pytest.raises(InputError, match="one adapter spec per input"):
+        eng.run_many(texts, adapters=specs[:2])
+    lines = [json.dumps({"text": t, "adapter": str(adapters[s])}) for t, s in zip(texts[:3], ["a", "b", "c"])]
+    r = subprocess.run([sys.executable, "-m", "edgeft", "run", "--base", str(tiny_base), "--jsonl", "--threads", "1",
+                        "--max-tokens", "10"], input="\n".join(lines) + "\n", capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = [json.loads(x) for x in r.stdout.splitlines()]
+    want = [eng.run(t, adapter=s, max_tokens=10).text for t, s in zip(texts[:3], ["a", "b", "c"])]
+    assert [o["text"] for o in out] == want

@@ -5,9 +5,10 @@ Each client sends `requests` chat requests one after another (a fixed system pro
 input, `answer_tokens` greedy tokens). Loads: every request for the first adapter ("same"), or
 the two first adapters alternating from request to request and client to client ("mixed"); the
 8-client loads also run with the prompt cache off. Reported per load: generated tokens per
-second over the load's wall time, request latency p50 / p90, and the most answers the edgeft
+second over the load's wall time, request latency p50 / p90, the most answers the edgeft
 server decoded together (each answer's `edgeft.batch_size`; nothing polls the server, whose
-threads need both cores). llama-server (`--llama-server PATH`, built from the same llama.cpp) gets the same model,
+threads need both cores), the steps that mixed adapter sets (`/health` before and after), and
+for the 8-client loads the share of answers identical to the same request sent alone. llama-server (`--llama-server PATH`, built from the same llama.cpp) gets the same model,
 threads and adapters (`--lora`, chosen per request with its `lora` field) and `-np` = clients.
 """
 
@@ -221,7 +222,7 @@ def concurrency_phase(base: Path, adapters: Sequence[Path], *, threads: int, ctx
                     before = _get(port, "/health").get("mixed_steps", 0)
                     r = out["edgeft"][f"{mode}_{n}_cache_{cache}"] = run_load(port, n, requests, body)
                     r["mixed_steps"] = _get(port, "/health").get("mixed_steps", 0) - before
-                    if mode == "mixed" and cache_mb and n == max(clients):
+                    if cache_mb and n == max(clients):
                         say("concurrency, edgeft server, the same requests one at a time")
                         r["identical_to_alone"] = identical_alone(port, r, body)
     top, one = out["edgeft"].get(f"same_{max(clients)}_cache_on"), out["edgeft"].get(f"same_{min(clients)}_cache_on")
