@@ -214,23 +214,8 @@ class ContinuousBatch:
         e, b = self._e, self._b
         key = _key(selection)
         sampler = b.sampler(values)      # a grammar that does not parse fails here, before any work
-        reused = None
-        if self.answers and self._held() > self._held(key):
-            need = len(tokens) - self._shared(tokens, key) + self._limit(tokens, max_tokens)
-            if self._held() + self._reserved + need > e.n_ctx:
-                for k in self._idle():
-                    if k != key:
-                        self._release(k)     # its cells are needed now
         try:
-            if not self.answers:   # nothing depends on sequence 0: give it this set and prompt head
-                for k in list(self._holders):
-                    self._release(k)
-                self._configure({e._applied})
-                e._apply(selection)
-                self._config = e._applied
-                reused = e._place_prefix(tokens[:max(0, len(tokens) - 2)])
-            elif key != e._applied and key not in self._holders:
-                reused = self._hold(key, tokens[:len(tokens) - 2])
+            reused = self._place(key, selection, tokens, max_tokens)
         except BaseException:
             sampler.close()
             raise
@@ -249,6 +234,28 @@ class ContinuousBatch:
         self.answers.append(a)
         self._pin()
         return a
+
+    def _place(self, key: tuple, selection: dict[str, float], tokens: list[int], max_tokens: int) -> int | None:
+        """Make the prompt prefix that a new answer under `key` will share ready: sequence 0
+        (the batch is empty: the home set moves to `key`) or `key`'s holder; returns the prefix
+        tokens not computed now, or None when nothing was placed."""
+        e = self._e
+        if not self.answers:   # nothing depends on sequence 0: give it this set and prompt head
+            for k in list(self._holders):
+                self._release(k)
+            self._configure({e._applied})
+            e._apply(selection)
+            self._config = e._applied
+            return e._place_prefix(tokens[:max(0, len(tokens) - 2)])
+        if self._held() > self._held(key):   # idle holders whose cells this answer needs go first
+            need = len(tokens) - self._shared(tokens, key) + self._limit(tokens, max_tokens)
+            if self._held() + self._reserved + need > e.n_ctx:
+                for k in self._idle():
+                    if k != key:
+                        self._release(k)
+        if key != e._applied and key not in self._holders:
+            return self._hold(key, tokens[:len(tokens) - 2])
+        return None
 
     # -- decoding ---------------------------------------------------------------------------
     def step(self) -> list[Answer]:

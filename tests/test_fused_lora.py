@@ -175,13 +175,13 @@ def test_repacked_bases_decode_like_the_unfused_graph(repacked_runs):
 
 def test_a_build_with_the_broken_level_2_fusion_runs_unfused(monkeypatch):
     monkeypatch.delenv("GGML_CPU_DISABLE_FUSION", raising=False)
-    monkeypatch.setattr(_llama, "patch_level", lambda: 2)
-    _llama._turn_off_broken_fusion()
+    monkeypatch.setattr(_llama.patches, "patch_level", lambda: 2)
+    _llama.patches._turn_off_broken_fusion()
     assert os.environ.get("GGML_CPU_DISABLE_FUSION") == "1"
     assert not _llama.lora_decode_fused()
     assert "rerun ./setup.sh" in _llama.api_names()["lora_decode"]
     monkeypatch.delenv("GGML_CPU_DISABLE_FUSION")
-    monkeypatch.setattr(_llama, "patch_level", lambda: 3)
-    _llama._turn_off_broken_fusion()
+    monkeypatch.setattr(_llama.patches, "patch_level", lambda: 3)
+    _llama.patches._turn_off_broken_fusion()
     assert "GGML_CPU_DISABLE_FUSION" not in os.environ
     assert _llama.lora_decode_fused()

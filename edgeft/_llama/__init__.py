@@ -26,6 +26,9 @@ import numpy as np
 
 from ..crash import doing
 from ..errors import AdapterError, InputError, ModelError
+from . import patches
+from .patches import (  # noqa: F401  (re-exported: _llama.patch_level, ...)
+    lora_decode_fused, lora_fused_chains, mixed_adapter_batches, patch_level)
 from .sampling import Sampler, Sampling  # noqa: F401  (re-exported: _llama.Sampling)
 
 log = logging.getLogger(__name__)
@@ -134,98 +137,6 @@ def scheduler_reserves() -> int:
     return int(fn())
 
 
-def patch_level() -> int:
-    """Which of edgeft's llama.cpp patches (cmake/patches) this build carries: 0 for a stock
-    build, 1 when swapping same-shape adapter sets skips the scheduler re-reserve, 3 when the
-    CPU backend also fuses each adapter's LoRA ops for single-token decode (2: an earlier
-    version of that fusion, wrong on repacked bases, which edgeft turns off), 4 when adapters
-    also take per-sequence scales (patch 0003: mixed adapter sets in one batch), 5 when a
-    batch's decode steps also fuse LoRA token by token (patch 0004)."""
-    fn = getattr(llama_cpp.llama_cpp._lib, "edgeft_llama_patch_level", None)
-    if fn is None:
-        return 0
-    fn.restype, fn.argtypes = ctypes.c_int32, []
-    return int(fn())
-
-
-def mixed_adapter_batches() -> bool:
-    """Whether this build decodes sequences under different adapter sets in one batch: patch
-    0003 gives each adapter per-sequence scales (`edgeft_llama_set_adapter_seq_scales`)."""
-    return _seq_scales_fn() is not None
-
-
-@functools.cache
-def _rows_fusion_fn() -> Any:
-    fn = getattr(llama_cpp.llama_cpp._lib, "edgeft_llama_set_lora_rows_fusion", None)
-    if fn is not None:
-        fn.restype, fn.argtypes = ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32]
-    return fn
-
-
-@functools.cache
-def _seq_scales_fn() -> Any:
-    fn = getattr(llama_cpp.llama_cpp._lib, "edgeft_llama_set_adapter_seq_scales", None)
-    if fn is not None:
-        fn.restype = ctypes.c_int32
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_float), ctypes.c_int32]
-    return fn
-
-
-def lora_decode_fused() -> bool:
-    """Whether decode on the CPU runs each adapter's LoRA ops as one fused op (patch 0002), as
-    opposed to four graph nodes per adapted matrix. GGML_CPU_DISABLE_FUSION=1 (ggml's switch
-    for all its CPU fusions) turns it off."""
-    return patch_level() >= 3 and os.environ.get("GGML_CPU_DISABLE_FUSION", "").strip() != "1"
-
-
-def _turn_off_broken_fusion() -> None:
-    """Patch level 2 fused LoRA chains into mul_mat's kernel even where the base's weights are
-    repacked (Q4_0, Q4_K, IQ4_NL on AVX2/NEON) and another kernel computes that product: NaN
-    logits. ggml reads GGML_CPU_DISABLE_FUSION once, when its CPU backend starts (the first model
-    load), so a build that old still gives right answers, only without the fusion, until
-    ./setup.sh rebuilds it."""
-    if patch_level() == 2:
-        os.environ["GGML_CPU_DISABLE_FUSION"] = "1"
-
-
-_turn_off_broken_fusion()
-
-
-@functools.cache
-def _ggml_cpu_lib() -> ctypes.CDLL | None:
-    """The ggml CPU backend library that libllama runs on, if it is loaded. Wheels may hold
-    copies of it under several names (libggml-cpu.so, .so.0, ...); opening another copy would
-    load a second instance, so only an already loaded one is taken (RTLD_NOLOAD), by soname
-    first."""
-    lib_path = getattr(llama_cpp.llama_cpp._lib, "_name", None)
-    if not lib_path:
-        return None
-    folder = os.path.dirname(lib_path)
-    try:
-        files = sorted((f for f in os.listdir(folder) if "ggml-cpu" in f), key=len, reverse=True)
-    except OSError:
-        files = []
-    candidates = ["libggml-cpu.so.0", "libggml-cpu.0.dylib", *(os.path.join(folder, f) for f in files)]
-    mode = getattr(os, "RTLD_NOLOAD", 0) | getattr(os, "RTLD_LAZY", 1)
-    for name in candidates:
-        try:
-            return ctypes.CDLL(name, mode=mode)
-        except OSError:
-            continue
-    return None
-
-
-def lora_fused_chains() -> int | None:
-    """How many single-token LoRA chains the CPU backend has fused in this process (patch
-    0002), or None when the build has no such counter. Tests use it to see the fusion engage."""
-    lib = _ggml_cpu_lib()
-    fn = getattr(lib, "ggml_cpu_lora_fused_chains", None) if lib is not None else None
-    if fn is None:
-        return None
-    fn.restype, fn.argtypes = ctypes.c_int64, []
-    return int(fn())
-
-
 def last_llama_error() -> str:
     """llama.cpp's most recent error line (for messages that would otherwise say only 'failed')."""
     return next((e for e in reversed(_last_errors) if e), "")
@@ -266,13 +177,14 @@ def api_names() -> dict[str, str]:
         "adapter_init": getattr(_adapter_init, "__name__", "?"),
         "set_adapters": getattr(_set_adapters or _set_adapter_one, "__name__", "?"),
         "memory": "llama_memory_*" if _memory_clear else "llama_kv_*",
-        "patch_level": str(patch_level()),
-        "lora_decode": ("fused (patch 0002; decode batches: 0004)" if lora_decode_fused() and patch_level() >= 5 else
-                        "fused (patch 0002)" if lora_decode_fused() else
-                        "graph ops (this build has an old patch 0002: rerun ./setup.sh)" if patch_level() == 2 else
+        "patch_level": str(patches.patch_level()),
+        "lora_decode": ("fused (patch 0002; decode batches: 0004)" if patches.lora_decode_fused()
+                        and patches.patch_level() >= 5 else
+                        "fused (patch 0002)" if patches.lora_decode_fused() else
+                        "graph ops (this build has an old patch 0002: rerun ./setup.sh)" if patches.patch_level() == 2 else
                         "graph ops"),
         "adapter_batches": ("mixed: sequences under different adapter sets share a step (patch 0003)"
-                            if mixed_adapter_batches() else "one adapter set per batch"),
+                            if patches.mixed_adapter_batches() else "one adapter set per batch"),
     }
 
 
@@ -572,7 +484,7 @@ class Backend:
             _set_adapter_one(self.ctx, h, float(s))
 
     def _lora_rows(self, on: bool) -> None:
-        fn = _rows_fusion_fn()
+        fn = patches.rows_fusion_fn()
         if fn is not None and on != self._rows_fused:
             fn(self.ctx, int(on))
             self._rows_fused = on
@@ -580,7 +492,7 @@ class Backend:
     def set_adapter_seq_scales(self, handle: Any, scales: Sequence[float]) -> None:
         """Per-sequence scales for an adapter of the current set (patch 0003): sequence i's rows
         use scales[i] (0: the adapter is off there); an empty list goes back to the set's scale."""
-        fn = _seq_scales_fn()
+        fn = patches.seq_scales_fn()
         if fn is None:
             raise RuntimeError("this llama.cpp build has no per-sequence adapter scales (patch 0003)")
         n = len(scales)

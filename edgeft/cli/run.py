@@ -54,7 +54,7 @@ def run(
     top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling seed (with temperature > 0).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the answer and timings.")] = False,
-    jsonl: Annotated[bool, typer.Option("--jsonl", help="Read one request per stdin line: {\"text\": ..., \"adapter\": ...}; print one JSON result per line (waiting lines with the same adapter are answered in one batch).")] = False,
+    jsonl: Annotated[bool, typer.Option("--jsonl", help="Read one request per stdin line: {\"text\": ..., \"adapter\": ...}; print one JSON result per line (waiting lines are answered in one batch, each under its own adapter).")] = False,
     task_card: Annotated[Optional[str], typer.Option("--task-card", help="Task card JSON (or a bundle's adapter.json) to answer under: gives a merged model or the bare base a task's prompt and output constraint.")] = None,
     *,
     opts: EngineOptions,
