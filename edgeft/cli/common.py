@@ -19,7 +19,7 @@ GpuLayers = Annotated[int, typer.Option("--gpu-layers", help="Layers to offload 
 FlashAttn = Annotated[bool, typer.Option("--flash-attn", help="llama.cpp's flash attention: faster decode, but ggml's CPU kernel sums attention in f16, so outputs can differ slightly (measured in docs/benchmarks.md).")]
 MemoryBudget = Annotated[Optional[float], typer.Option("--memory-budget", help="MB that resident adapters may use; least recently used ones are freed.")]
 PromptCacheMB = Annotated[float, typer.Option("--prompt-cache-mb", help="MB of saved prompt K/V per adapter set, so a request after a swap skips its task's fixed prefix (0: off).")]
-Parallel = Annotated[int, typer.Option("--parallel", min=1, max=63, help="Answers decoded together in one batch (requests for the same adapters share each decode step).")]
+Parallel = Annotated[int, typer.Option("--parallel", min=1, max=63, help="Answers decoded together in one batch (concurrent requests share each decode step, also under different adapters where the build allows: edgeft doctor).")]
 Force = Annotated[bool, typer.Option("--force", help="Load adapters even if made for another base (sha256 differs).")]
 
 
