@@ -388,3 +388,50 @@ def test_run_many_answers_each_input_under_its_own_adapter(eng, adapters, tmp_pa
     out = [json.loads(x) for x in r.stdout.splitlines()]
     want = [eng.run(t, adapter=s, max_tokens=10).text for t, s in zip(texts[:3], ["a", "b", "c"])]
     assert [o["text"] for o in out] == want
+
+
+@needs_patch
+def test_random_joins_cancels_and_sets_keep_every_rule(tiny_base, adapters):
+    """200 steps of random traffic in a small context: answers under 5 sets (some sharing a
+    system prompt) join when `fits` says so, some are cancelled; llama_decode never runs out of
+    cells, every answer ends with a known reason, the batch leaves no holder, and afterwards the
+    engine answers as a fresh one under each set."""
+    import random
+
+    rng = random.Random(7)
+    e = Engine(str(tiny_base), n_ctx=512, n_threads=1, parallel=6)
+    try:
+        for n, p in adapters.items():
+            e.load_adapter(str(p), name=n)
+        asks = [e.tokenize(p) for p in _asks(6) + PROMPTS[:4]]
+        sets = ["a", "b", "c", {"a": 0.5, "c": 1.0}, None]
+        answers, refused = [], 0
+        with e.batch("a") as cb:
+            for _ in range(200):
+                if rng.random() < 0.5:
+                    toks, s, mt = rng.choice(asks), rng.choice(sets), rng.randint(1, 80)
+                    if cb.slots and cb.fits(toks, mt, s):
+                        answers.append(cb.add(toks, max_tokens=mt, adapter=s, ignore_eos=rng.random() < 0.5))
+                    elif cb.slots:
+                        refused += 1        # no room for its cells: the context is really tight
+                if cb.answers and rng.random() < 0.1:
+                    rng.choice(cb.answers).cancel.set()
+                cb.step()
+                assert cb._held() + cb._reserved <= e.n_ctx
+            while cb.answers:
+                cb.step()
+        assert not cb._holders and not e._busy
+        assert len(answers) >= 30 and e.stats.mixed_steps > 20 and refused > 0
+        assert {a.gen.finish_reason for a in answers} <= {"stop", "length", "cancelled"}
+        assert any(a.gen.finish_reason == "cancelled" for a in answers)
+        fresh = Engine(str(tiny_base), n_ctx=512, n_threads=1, prompt_cache_mb=0)
+        try:
+            for n, p in adapters.items():
+                fresh.load_adapter(str(p), name=n)
+            for s in sets:
+                p = _asks(2)[1]
+                assert e.complete(p, adapter=s, max_tokens=12).text == fresh.complete(p, adapter=s, max_tokens=12).text
+        finally:
+            fresh.close()
+    finally:
+        e.close()
