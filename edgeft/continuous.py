@@ -362,8 +362,9 @@ class ContinuousBatch:
     def _hold(self, key: tuple, prefix: list[int]) -> int | None:
         """Give `key` a holder sequence with `prefix` (from the prompt cache where it has it,
         prefilled otherwise), so its answers share those K/V; returns the prefix tokens not
-        computed now, or None when no holder was made (no free holder sequence, a short prefix,
-        or no room: the answer prefills its whole prompt)."""
+        computed now, or None when no holder was made (no free holder sequence, or a prefix too
+        short to share: the answer prefills its whole prompt). `fits` counted the holder's cells
+        already: an answer that shares all of them needs as many as one that prefills alone."""
         if not self._holder_seqs and self._idle():
             self._release(self._idle()[0])     # the sequence of a holder nothing shares now
         if not self._holder_seqs or len(prefix) < MIN_REUSE:
@@ -399,8 +400,8 @@ class ContinuousBatch:
             raise
 
     def _release(self, key: tuple, save: bool = True) -> None:
-        """Drop `key`'s holder (no answer may share it any more), its prefix kept in the prompt
-        cache."""
+        """Drop `key`'s holder, its prefix kept in the prompt cache. Only for a holder no running
+        answer shares: their cells would outlive it uncounted."""
         h = self._holders.pop(key)
         e, b = self._e, self._b
         if save and e.prompt_cache.enabled and len(h.tokens) >= MIN_REUSE:
