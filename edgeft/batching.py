@@ -120,15 +120,15 @@ class BatchMethods:
                     for (p, _, _), (_, spec, mt, stop, smp) in zip(items, plans)]
         out: list[Answer | None] = [None] * len(plans)
         with self.batch(plans[0][1]) as cb:
-            i = 0
+            i, sel = 0, None
             while i < len(plans) or cb.answers:
                 while i < len(plans) and not cancel.is_set():
                     toks, spec, mt, stop, smp = plans[i]
-                    sel = cb.resolve(spec)
+                    sel = cb.resolve(spec) if sel is None else sel   # once per input, not per step
                     if not cb.fits(toks, mt, sel):
                         break
                     out[i] = cb.add(toks, max_tokens=mt, stop=stop, cancel=cancel, adapter=sel, **vars(smp))
-                    i += 1
+                    i, sel = i + 1, None
                 if cancel.is_set() and not cb.answers:
                     break
                 cb.step()

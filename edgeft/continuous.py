@@ -152,9 +152,13 @@ class ContinuousBatch:
         h = self._holders.get(key)
         return (h.seq, h.tokens, len(h.tokens)) if h else (-1, [], 0)
 
-    def _shared(self, tokens: Sequence[int], key: tuple | None = None) -> int:
-        seq, held, usable = self._source(self._e._applied if key is None else key)
+    def _shared(self, tokens: Sequence[int], key: tuple) -> int:
+        seq, held, usable = self._source(key)
         return max(0, min(common_prefix(held, tokens), usable, len(tokens) - 2)) if seq >= 0 else 0
+
+    def _need(self, tokens: Sequence[int], max_tokens: int, key: tuple) -> int:
+        """KV cells an answer under `key` takes beside what it shares: its prompt part and answer."""
+        return len(tokens) - self._shared(tokens, key) + self._limit(tokens, max_tokens)
 
     def _held(self, key: tuple | None = None) -> int:
         """KV cells held by prefix holders (sequence 0 and the other sets'); with `key`, not
@@ -173,16 +177,16 @@ class ContinuousBatch:
         """Whether a request can join now: a free sequence, an adapter set the batch can take
         (`accepts`), and cells for its own prompt part and answer beside what the others hold
         (a lone request always fits: max_tokens is cut to the context, as for a single one)."""
+        return self._fits(tokens, max_tokens, self.resolve(adapter) if self.answers else {})
+
+    def _fits(self, tokens: Sequence[int], max_tokens: int, selection: dict[str, float]) -> bool:
         if not self._free or len(tokens) >= self._e.n_ctx:
             return False
         if not self.answers:
             return True
-        selection = self.resolve(adapter)
-        if not self.accepts(selection):
-            return False
         key = _key(selection)
-        need = len(tokens) - self._shared(tokens, key) + self._limit(tokens, max_tokens)
-        return self._held(key) + self._reserved + need <= self._e.n_ctx
+        return self.accepts(selection) and \
+            self._held(key) + self._reserved + self._need(tokens, max_tokens, key) <= self._e.n_ctx
 
     def add(self, tokens: Sequence[int], *, max_tokens: int = 256, stop: Sequence[str] = (),
             cancel: threading.Event | None = None, ignore_eos: bool = False, adapter: AdapterSpec = UNSET,
@@ -208,7 +212,7 @@ class ContinuousBatch:
         if not self.accepts(selection):
             raise InputError("this llama.cpp build decodes one adapter set per batch (no patch 0003)",
                              "wait for the batch to end, or rebuild with ./setup.sh")
-        if not self.fits(tokens, max_tokens, selection):
+        if not self._fits(tokens, max_tokens, selection):
             raise InputError("no room in the batch for this request", "wait for an answer to finish")
         t0 = time.perf_counter()
         e, b = self._e, self._b
@@ -248,8 +252,7 @@ class ContinuousBatch:
             self._config = e._applied
             return e._place_prefix(tokens[:max(0, len(tokens) - 2)])
         if self._held() > self._held(key):   # idle holders whose cells this answer needs go first
-            need = len(tokens) - self._shared(tokens, key) + self._limit(tokens, max_tokens)
-            if self._held() + self._reserved + need > e.n_ctx:
+            if self._held() + self._reserved + self._need(tokens, max_tokens, key) > e.n_ctx:
                 for k in self._idle():
                     if k != key:
                         self._release(k)

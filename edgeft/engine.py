@@ -30,7 +30,7 @@ from .adapter_spec import UNSET as _UNSET
 from .bundles import AdapterBundle
 from .errors import AdapterError, InputError
 from .batching import BatchMethods
-from .continuous import PREFIX_HOLDERS
+from .continuous import PREFIX_HOLDERS, _key
 from .generation import Generation, Stats, Stream
 from .gguf_info import AdapterInfo, BaseInfo, base_info, inspect_adapter
 from .models import BaseModel, Progress, resolve_base
@@ -253,7 +253,7 @@ class Engine(BatchMethods):
         return out
 
     def _apply(self, selection: dict[str, float]) -> None:
-        target = tuple(sorted(selection.items()))
+        target = _key(selection)
         for name in selection:
             self._touch(name)
         if target == self._applied:

@@ -45,6 +45,19 @@ def _get(port: int, path: str, timeout: float = 30.0) -> dict:
         conn.close()
 
 
+def _healthy(port: int) -> bool:
+    """Whether a server on `port` answers GET /health with 200 (False while it starts)."""
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        try:
+            conn.request("GET", "/health")
+            return conn.getresponse().status == 200
+        finally:
+            conn.close()
+    except OSError:
+        return False
+
+
 def _post(port: int, body: dict, timeout: float = 600.0) -> dict:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
@@ -151,11 +164,8 @@ def _wait_for_banner(proc: subprocess.Popen, out, err) -> tuple[int, list[str]]:
                       out.read())
         if m:
             port = int(m.group(1))
-            with contextlib.suppress(OSError):
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                conn.request("GET", "/health")
-                if conn.getresponse().status == 200:
-                    return port, [n.strip() for n in m.group(2).split(",") if n.strip() and n.strip() != "none"]
+            if _healthy(port):
+                return port, [n.strip() for n in m.group(2).split(",") if n.strip() and n.strip() != "none"]
         time.sleep(0.1)
 
 
@@ -184,11 +194,8 @@ def llama_server(binary: str | os.PathLike, base: Path, adapters: Sequence[Path]
                 err = proc.stderr.read().decode(errors="replace")[-300:] if proc.stderr else ""
                 raise InputError(f"llama-server exited with code {proc.returncode}: {err.strip()}",
                                  "check that --llama-server is llama.cpp's server built from the same source")
-            with contextlib.suppress(OSError):
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                conn.request("GET", "/health")
-                if conn.getresponse().status == 200:
-                    break
+            if _healthy(port):
+                break
             if time.monotonic() > deadline:
                 raise InputError("llama-server did not answer /health within 120 s")
             time.sleep(0.25)

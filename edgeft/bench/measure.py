@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from ..continuous import _key
 from .fixtures import ADAPTER_DTYPES, TARGET_SETS, write_random_adapter
 from .probes import _child
 from .profiles import DECODE_PROMPT, PENALTY_PROMPT, Profile, Progress
@@ -56,7 +57,7 @@ def _raw_decode(eng, sel: dict, n: int) -> tuple[float, float | None]:
 def _ttft_cleared(eng, prompt: str, sel: dict):
     """TTFT of `prompt` under `sel` from an empty KV cache, with no swap in the measured request:
     the set is applied (and llama.cpp's graph reserved) by a short request first if needed."""
-    if eng._applied != tuple(sorted(sel.items())):
+    if eng._applied != _key(sel):
         _request(eng, PENALTY_PROMPT, sel)
     eng.reset()
     return _request(eng, prompt, sel)
