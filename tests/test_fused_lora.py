@@ -174,7 +174,11 @@ def test_repacked_bases_decode_like_the_unfused_graph(repacked_runs):
 
 
 def test_a_build_with_the_broken_level_2_fusion_runs_unfused(monkeypatch):
-    monkeypatch.delenv("GGML_CPU_DISABLE_FUSION", raising=False)
+    # setenv first, so that teardown puts back the variable as it was: a delenv of an unset name
+    # records nothing, and the later delenv would "restore" the "1" set below, turning the fusion
+    # off for every later model load in this process and every child process
+    monkeypatch.setenv("GGML_CPU_DISABLE_FUSION", "")
+    monkeypatch.delenv("GGML_CPU_DISABLE_FUSION")
     monkeypatch.setattr(_llama.patches, "patch_level", lambda: 2)
     _llama.patches._turn_off_broken_fusion()
     assert os.environ.get("GGML_CPU_DISABLE_FUSION") == "1"

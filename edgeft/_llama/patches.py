@@ -18,7 +18,8 @@ def patch_level() -> int:
     CPU backend also fuses each adapter's LoRA ops for single-token decode (2: an earlier
     version of that fusion, wrong on repacked bases, which edgeft turns off), 4 when adapters
     also take per-sequence scales (patch 0003: mixed adapter sets in one batch), 5 when a
-    batch's decode steps also fuse LoRA token by token (patch 0004)."""
+    batch's decode steps also fuse LoRA token by token (patch 0004), 6 when single-token fused
+    LoRA also fetches the adapter's rows ahead (patch 0005: same results, faster)."""
     fn = getattr(llama_cpp.llama_cpp._lib, "edgeft_llama_patch_level", None)
     if fn is None:
         return 0
