@@ -71,3 +71,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if REAL_BASE_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+# ggml and llama.cpp read these once per process (GGML_CPU_DISABLE_FUSION when the CPU backend
+# starts) and every child process inherits them: a test that leaves one changed silently turns a
+# fast path off for the rest of the run
+_PROCESS_WIDE = ("GGML_CPU_DISABLE_FUSION", "LLAMA_CPP_LIB_PATH", "EDGEFT_HOME", "EDGEFT_DEBUG")
+
+
+@pytest.fixture(autouse=True)
+def _environment_left_as_found():
+    before = {k: os.environ.get(k) for k in _PROCESS_WIDE}
+    yield
+    after = {k: os.environ.get(k) for k in _PROCESS_WIDE}
+    assert after == before, f"the test changed process-wide environment variables: {before} -> {after}"
