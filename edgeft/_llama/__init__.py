@@ -178,13 +178,7 @@ def api_names() -> dict[str, str]:
         "set_adapters": getattr(_set_adapters or _set_adapter_one, "__name__", "?"),
         "memory": "llama_memory_*" if _memory_clear else "llama_kv_*",
         "patch_level": str(patches.patch_level()),
-        "lora_decode": ("fused (patch 0002, prefetched: 0005; decode batches: 0004)" if patches.lora_decode_fused()
-                        and patches.patch_level() >= 6 else
-                        "fused (patch 0002; decode batches: 0004)" if patches.lora_decode_fused()
-                        and patches.patch_level() >= 5 else
-                        "fused (patch 0002)" if patches.lora_decode_fused() else
-                        "graph ops (this build has an old patch 0002: rerun ./setup.sh)" if patches.patch_level() == 2 else
-                        "graph ops"),
+        "lora_decode": patches.lora_decode_path(),
         "adapter_batches": ("mixed: sequences under different adapter sets share a step (patch 0003)"
                             if patches.mixed_adapter_batches() else "one adapter set per batch"),
     }

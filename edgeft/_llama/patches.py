@@ -57,6 +57,16 @@ def lora_decode_fused() -> bool:
     return patch_level() >= 3 and os.environ.get("GGML_CPU_DISABLE_FUSION", "").strip() != "1"
 
 
+def lora_decode_path() -> str:
+    """How decode runs an adapter's LoRA ops on this build, in words (`edgeft doctor`)."""
+    level = patch_level()
+    if not lora_decode_fused():
+        return "graph ops (this build has an old patch 0002: rerun ./setup.sh)" if level == 2 else "graph ops"
+    return ("fused (patch 0002, prefetched: 0005; decode batches: 0004)" if level >= 6 else
+            "fused (patch 0002; decode batches: 0004)" if level >= 5 else
+            "fused (patch 0002)")
+
+
 def _turn_off_broken_fusion() -> None:
     """Patch level 2 fused LoRA chains into mul_mat's kernel even where the base's weights are
     repacked (Q4_0, Q4_K, IQ4_NL on AVX2/NEON) and another kernel computes that product: NaN
