@@ -28,7 +28,7 @@ from ..crash import doing
 from ..errors import AdapterError, InputError, ModelError
 from . import patches
 from .patches import (  # noqa: F401  (re-exported: _llama.patch_level, ...)
-    lora_decode_fused, lora_fused_chains, mixed_adapter_batches, patch_level)
+    attn_rows_fusions, lora_decode_fused, lora_fused_chains, mixed_adapter_batches, patch_level)
 from .sampling import Sampler, Sampling  # noqa: F401  (re-exported: _llama.Sampling)
 
 log = logging.getLogger(__name__)
@@ -181,6 +181,7 @@ def api_names() -> dict[str, str]:
         "lora_decode": patches.lora_decode_path(),
         "adapter_batches": ("mixed: sequences under different adapter sets share a step (patch 0003)"
                             if patches.mixed_adapter_batches() else "one adapter set per batch"),
+        "batch_attention": patches.batch_attention_path(),
     }
 
 
@@ -228,7 +229,7 @@ class Backend:
         self.n_ctx = int(llama_cpp.llama_n_ctx(self.ctx))
         self.n_seq_max = int(llama_cpp.llama_n_seq_max(self.ctx))
         self._batch = None   # a reusable llama_batch for multi-sequence decodes, made on first use
-        self._rows_fused = False   # patch 0004's setting on the context (see _lora_rows)
+        self._step_fused = False   # patches 0004 and 0006's settings on the context (see _step_fusions)
         self.n_batch = n_batch
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
         self.n_threads = threads
@@ -300,7 +301,7 @@ class Backend:
     # -- evaluation ---------------------------------------------------------------------
     def decode(self, tokens: Sequence[int]) -> None:
         """Append tokens to sequence 0 (positions follow what the KV memory holds)."""
-        self._lora_rows(False)
+        self._step_fusions(False)
         doing("generating an answer (the adapters in use, the grammar or the sampling values may be at fault)")
         n = len(tokens)
         for i in range(0, n, self.n_batch):
@@ -323,7 +324,7 @@ class Backend:
         `step`: a decode step of a batch, whose K/V no later request reuses: LoRA products are
         then computed token by token as in single-token decoding (patch 0004), faster and equal
         to a lone token's; never for a prompt whose K/V may be reused."""
-        self._lora_rows(step)
+        self._step_fusions(step)
         n = len(tokens)
         if not 0 < n <= self.n_batch:
             raise ValueError(f"decode_seqs takes 1..{self.n_batch} tokens, got {n}")
@@ -373,7 +374,7 @@ class Backend:
 
     def logits_for(self, tokens: Sequence[int]) -> np.ndarray:
         """Logits after each token of `tokens`, from an empty KV memory: shape (len, n_vocab)."""
-        self._lora_rows(False)
+        self._step_fusions(False)
         self.memory_clear()
         out = np.empty((len(tokens), self.n_vocab), dtype=np.float32)
         for i in range(0, len(tokens), self.n_batch):
@@ -479,11 +480,16 @@ class Backend:
         for h, s in zip(handles, scales):
             _set_adapter_one(self.ctx, h, float(s))
 
-    def _lora_rows(self, on: bool) -> None:
-        fn = patches.rows_fusion_fn()
-        if fn is not None and on != self._rows_fused:
-            fn(self.ctx, int(on))
-            self._rows_fused = on
+    def _step_fusions(self, on: bool) -> None:
+        """Whether the next decodes are a batch's steps, whose K/V no later request reuses: LoRA
+        products token by token (patch 0004) and, in steps of several sequences, attention over
+        each row's own KV cells (patch 0006)."""
+        if on == self._step_fused:
+            return
+        for fn in (patches.rows_fusion_fn(), patches.attn_rows_fn()):
+            if fn is not None:
+                fn(self.ctx, int(on))
+        self._step_fused = on
 
     def set_adapter_seq_scales(self, handle: Any, scales: Sequence[float]) -> None:
         """Per-sequence scales for an adapter of the current set (patch 0003): sequence i's rows

@@ -19,7 +19,8 @@ def patch_level() -> int:
     version of that fusion, wrong on repacked bases, which edgeft turns off), 4 when adapters
     also take per-sequence scales (patch 0003: mixed adapter sets in one batch), 5 when a
     batch's decode steps also fuse LoRA token by token (patch 0004), 6 when single-token fused
-    LoRA also fetches the adapter's rows ahead (patch 0005: same results, faster)."""
+    LoRA also fetches the adapter's rows ahead (patch 0005: same results, faster), 7 when the
+    attention of a batch's decode steps also runs over each row's own KV cells only (patch 0006)."""
     fn = getattr(llama_cpp.llama_cpp._lib, "edgeft_llama_patch_level", None)
     if fn is None:
         return 0
@@ -36,6 +37,14 @@ def mixed_adapter_batches() -> bool:
 @functools.cache
 def rows_fusion_fn() -> Any:
     fn = getattr(llama_cpp.llama_cpp._lib, "edgeft_llama_set_lora_rows_fusion", None)
+    if fn is not None:
+        fn.restype, fn.argtypes = ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32]
+    return fn
+
+
+@functools.cache
+def attn_rows_fn() -> Any:
+    fn = getattr(llama_cpp.llama_cpp._lib, "edgeft_llama_set_attn_rows_fusion", None)
     if fn is not None:
         fn.restype, fn.argtypes = ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32]
     return fn
@@ -65,6 +74,15 @@ def lora_decode_path() -> str:
     return ("fused (patch 0002, prefetched: 0005; decode batches: 0004)" if level >= 6 else
             "fused (patch 0002; decode batches: 0004)" if level >= 5 else
             "fused (patch 0002)")
+
+
+def batch_attention_path() -> str:
+    """How a step of several answers runs attention on this build, in words (`edgeft doctor`):
+    patch 0006 computes each row over the KV cells it can see; otherwise llama.cpp's ops run over
+    every cell of the shared buffer and mask the other answers' cells."""
+    if patch_level() >= 7 and os.environ.get("GGML_CPU_DISABLE_FUSION", "").strip() != "1":
+        return "each row over its own KV cells (patch 0006)"
+    return "every cell of the shared KV buffer, masked"
 
 
 def _turn_off_broken_fusion() -> None:
@@ -109,6 +127,18 @@ def lora_fused_chains() -> int | None:
     0002), or None when the build has no such counter. Tests use it to see the fusion engage."""
     lib = _ggml_cpu_lib()
     fn = getattr(lib, "ggml_cpu_lora_fused_chains", None) if lib is not None else None
+    if fn is None:
+        return None
+    fn.restype, fn.argtypes = ctypes.c_int64, []
+    return int(fn())
+
+
+def attn_rows_fusions() -> int | None:
+    """How many decode-batch attentions (one per layer and step) the CPU backend has run over
+    each row's own KV cells in this process (patch 0006), or None when the build has no such
+    counter. Tests use it to see the fusion engage."""
+    lib = _ggml_cpu_lib()
+    fn = getattr(lib, "ggml_cpu_attn_rows_fusions", None) if lib is not None else None
     if fn is None:
         return None
     fn.restype, fn.argtypes = ctypes.c_int64, []

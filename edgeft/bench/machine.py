@@ -79,6 +79,7 @@ def machine_info(threads: int) -> dict:
         "llama_cpp_features": _llama.system_info(),
         "llama_cpp_patch_level": _llama.patch_level(),  # cmake/patches: 1 = same-shape swaps skip the re-reserve
         "lora_decode_fused": _llama.lora_decode_fused(),  # patch 0002 active: one op per LoRA chain in CPU decode
+        "batch_attention": _llama.patches.batch_attention_path(),  # patch 0006: a step's rows over their own cells
         "gpu_offload": _llama.supports_gpu_offload(),
         "python": platform.python_version(),
         "numpy": np.__version__,
