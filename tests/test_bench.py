@@ -114,7 +114,7 @@ def test_evaluate_targets_handles_missing_values():
     assert by["swapms"]["met"] is True
     assert by["reload-per-switchx"]["met"] is False
     assert all(r["met"] is None for r in rows if r["value"] is None)
-    assert len(rows) == 13
+    assert len(rows) == 14
 
 
 def test_memory_bandwidth_positive():
@@ -140,7 +140,7 @@ def test_concurrency_phase_on_the_tiny_base(tiny_base, tmp_path):
     cc = concurrency_phase(tiny_base, paths, threads=1, ctx=4096, requests=2, say=said.append, clients=(1, 4),
                            answer_tokens=300)
     assert set(cc["edgeft"]) == {"same_1_cache_on", "same_4_cache_on", "same_4_cache_off", "mixed_1_cache_on",
-                                 "mixed_4_cache_on", "mixed_4_cache_off"}
+                                 "mixed_4_cache_on", "mixed_4_cache_off", "distinct_4_cache_on"}
     for v in cc["edgeft"].values():
         assert v["completion_tokens"] == v["requests"] * 300 and v["latency_s"]["n"] == v["requests"]
     assert cc["edgeft"]["same_4_cache_on"]["largest_batch"] >= 2      # the 4 clients shared decode steps
@@ -239,14 +239,14 @@ def test_bench_quick_json(tmp_path, base_path):
     assert 0 <= bt["identical_answers"] <= 1 and r["targets"][8]["value"] == bt["batched_over_one_by_one"]
     cc = r["concurrency"]
     assert set(cc["edgeft"]) == {f"{m}_{n}_cache_{c}" for m in ("same", "mixed") for n, c in
-                                 ((1, "on"), (8, "on"), (8, "off"))}
+                                 ((1, "on"), (8, "on"), (8, "off"))} | {"distinct_8_cache_on"}
     for v in cc["edgeft"].values():
         assert v["completion_tokens"] == v["requests"] * 48      # ignore_eos: whole answers
         _num(v["tps"], 0, 10_000)
     assert cc["edgeft"]["same_8_cache_on"]["largest_batch"] >= 4  # the 8 clients shared decode steps
     assert r["targets"][9]["value"] == cc["eight_over_one_same"]
-    assert all(r["targets"][i]["met"] is None for i in (10, 11, 12))   # no llama-server given
-    assert len(r["targets"]) == 13
+    assert all(r["targets"][i]["met"] is None for i in (10, 11, 12, 13))   # no llama-server given
+    assert len(r["targets"]) == 14
     mixed = cc["edgeft"]["mixed_8_cache_on"]
     assert mixed["mixed_steps"] > 0 if _llama.mixed_adapter_batches() else mixed["mixed_steps"] == 0
     assert 0.0 <= mixed["identical_to_alone"] <= 1.0

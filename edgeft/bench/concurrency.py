@@ -4,7 +4,9 @@ concurrent clients; optionally llama.cpp's `llama-server` under the same load.
 Each client sends `requests` chat requests one after another (a fixed system prompt, a short user
 input, `answer_tokens` greedy tokens). Loads: every request for the first adapter ("same"), or
 the two first adapters alternating from request to request and client to client ("mixed"); the
-8-client loads also run with the prompt cache off. Reported per load: generated tokens per
+8-client loads also run with the prompt cache off. The inputs cycle, so each prompt comes back
+three times in a load (llama-server then reuses a slot's whole cached prompt); a last load at the
+most clients ("distinct", one adapter) gives every request a prompt of its own. Reported per load: generated tokens per
 second over the load's wall time, request latency p50 / p90, the most answers the edgeft
 server decoded together (each answer's `edgeft.batch_size`; nothing polls the server, whose
 threads need both cores), the steps that mixed adapter sets (`/health` before and after), and
@@ -116,8 +118,13 @@ def identical_alone(port: int, load: dict, body_for: Callable[[int, int], dict])
     return same / max(1, len(texts))
 
 
-def _messages(i: int, j: int) -> list[dict]:
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": INPUTS[(3 * i + j) % len(INPUTS)]}]
+def _messages(i: int, j: int, distinct: bool = False) -> list[dict]:
+    """Client i's request j: the inputs cycle, so the same prompt comes back from other clients
+    (a server may reuse its whole K/V); `distinct` gives every request a prompt of its own
+    (a ticket number before the input), as real traffic mostly does."""
+    text = INPUTS[(3 * i + j) % len(INPUTS)]
+    return [{"role": "system", "content": SYSTEM},
+            {"role": "user", "content": f"Ticket {100 + 10 * i + j}: {text}" if distinct else text}]
 
 
 @contextlib.contextmanager
@@ -217,21 +224,22 @@ def concurrency_phase(base: Path, adapters: Sequence[Path], *, threads: int, ctx
         with edgeft_server(base, adapters[:2], threads=threads, ctx=ctx, parallel=parallel,
                            prompt_cache_mb=cache_mb, flash_attn=flash_attn) as (port, names):
             pair = names[:2] if len(names) > 1 else names * 2
-            for mode in ("same", "mixed"):
-                for n in (clients if cache_mb else [max(clients)]):
-                    say(f"concurrency, edgeft server, {n} client(s), {mode} adapters, prompt cache {cache}")
+            loads = [(m, n) for m in ("same", "mixed") for n in (clients if cache_mb else [max(clients)])]
+            for mode, n in loads + ([("distinct", max(clients))] if cache_mb else []):
+                say(f"concurrency, edgeft server, {n} client(s), {mode} adapters, prompt cache {cache}"
+                    if mode != "distinct" else f"concurrency, edgeft server, {n} client(s), distinct prompts")
 
-                    def body(i: int, j: int, mixed: bool = mode == "mixed") -> dict:
-                        return {"model": pair[(i + j) % 2] if mixed else pair[0], "messages": _messages(i, j),
-                                "max_tokens": answer_tokens, "temperature": 0.0, "ignore_eos": True}
+                def body(i: int, j: int, mixed: bool = mode == "mixed", distinct: bool = mode == "distinct") -> dict:
+                    return {"model": pair[(i + j) % 2] if mixed else pair[0], "messages": _messages(i, j, distinct),
+                            "max_tokens": answer_tokens, "temperature": 0.0, "ignore_eos": True}
 
-                    run_load(port, 1, 1, body)   # warm-up
-                    before = _get(port, "/health").get("mixed_steps", 0)
-                    r = out["edgeft"][f"{mode}_{n}_cache_{cache}"] = run_load(port, n, requests, body)
-                    r["mixed_steps"] = _get(port, "/health").get("mixed_steps", 0) - before
-                    if cache_mb and n == max(clients):
-                        say("concurrency, edgeft server, the same requests one at a time")
-                        r["identical_to_alone"] = identical_alone(port, r, body)
+                run_load(port, 1, 1, body)   # warm-up
+                before = _get(port, "/health").get("mixed_steps", 0)
+                r = out["edgeft"][f"{mode}_{n}_cache_{cache}"] = run_load(port, n, requests, body)
+                r["mixed_steps"] = _get(port, "/health").get("mixed_steps", 0) - before
+                if cache_mb and n == max(clients) and mode != "distinct":
+                    say("concurrency, edgeft server, the same requests one at a time")
+                    r["identical_to_alone"] = identical_alone(port, r, body)
     top, one = out["edgeft"].get(f"same_{max(clients)}_cache_on"), out["edgeft"].get(f"same_{min(clients)}_cache_on")
     if top and one and max(clients) == 8 and min(clients) == 1:
         out["eight_over_one_same"] = _ratio(top["tps"], one["tps"])
@@ -257,13 +265,14 @@ def _llama_server_loads(base, adapters, binary, threads, ctx, requests, clients,
     for n in clients:
         with llama_server(binary, Path(base), adapters, threads=threads, ctx=ctx, parallel=n,
                           flash_attn=flash_attn) as port:
-            for mode in ("same", "mixed"):
-                say(f"concurrency, llama-server, {n} client(s), {mode} adapters")
+            for mode in ("same", "mixed") + (("distinct",) if n == max(clients) else ()):
+                say(f"concurrency, llama-server, {n} client(s), {mode} adapters" if mode != "distinct"
+                    else f"concurrency, llama-server, {n} client(s), distinct prompts")
 
-                def body(i: int, j: int, mixed: bool = mode == "mixed") -> dict:
+                def body(i: int, j: int, mixed: bool = mode == "mixed", distinct: bool = mode == "distinct") -> dict:
                     k = (i + j) % 2 if mixed and n_lora > 1 else 0
                     lora = [{"id": x, "scale": 1.0 if x == k else 0.0} for x in range(n_lora)]
-                    return {"model": "base", "messages": _messages(i, j), "max_tokens": answer_tokens,
+                    return {"model": "base", "messages": _messages(i, j, distinct), "max_tokens": answer_tokens,
                             "temperature": 0.0, "lora": lora, "cache_prompt": True, "ignore_eos": True}
 
                 run_load(port, 1, 1, body)

@@ -43,6 +43,8 @@ def evaluate_targets(res: dict) -> list[dict]:
          g("concurrency", "p50_latency_edgeft_over_llama_server", "same_8"), "<=", 1.0, "x"),
         ("server, 8 clients, two adapters: edgeft / llama-server tok/s",
          g("concurrency", "edgeft_over_llama_server", "mixed_8"), ">=", 1.3, "x"),
+        ("server, 8 clients, distinct prompts: edgeft / llama-server p50 latency",
+         g("concurrency", "p50_latency_edgeft_over_llama_server", "distinct_8"), "<=", 1.0, "x"),
     ]
     out = []
     for name, value, op, limit, unit in rows:

@@ -38,7 +38,8 @@ def _serving_rows(res: dict) -> list[tuple[str, str, str]]:
     cc = res.get("concurrency")
     if cc:
         e = cc["edgeft"]
-        for mode, what in (("same", "one adapter"), ("mixed", "two adapters alternating")):
+        for mode, what in (("same", "one adapter"), ("mixed", "two adapters alternating"),
+                           ("distinct", "one adapter, distinct prompts")):
             loads = sorted((r["clients"], r) for k, r in e.items() if k.startswith(mode) and k.endswith("cache_on"))
             ls = cc.get("llama_server") or {}
             rows.append((f"server, {what}: " + " / ".join(f"{n}" for n, _ in loads) + " clients",
