@@ -87,6 +87,8 @@ class Answer:
     t_first: float | None = None
     t_end: float = 0.0
     reserved: int = 0                  # KV cells promised to this answer
+    head: int = 0                      # the prompt is prefilled apart from the steps up to here
+    save: bool = False                 # it computed prompt K/V the prompt cache keeps when it ends
     ignore_eos: bool = False
     error: Exception | None = None     # why it ended with finish_reason "error"
     utf8: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
@@ -156,9 +158,24 @@ class ContinuousBatch:
         seq, held, usable = self._source(key)
         return max(0, min(common_prefix(held, tokens), usable, len(tokens) - 2)) if seq >= 0 else 0
 
+    def _plan(self, tokens: Sequence[int], max_tokens: int, key: tuple) -> tuple[int, int]:
+        """(shared, restored): prompt tokens a new answer under `key` shares with its set's
+        prefix holder (cells in common), or restores from the prompt cache into cells of its own
+        (a prompt seen before: the cache holds MIN_REUSE or more tokens beyond the shared ones,
+        and the cells for the whole prompt are free). One of the two is 0."""
+        keep = self._shared(tokens, key)
+        e = self._e
+        if not e.prompt_cache.enabled or not self.answers:
+            return keep, 0
+        n = e.prompt_cache.longest(e._set_key(key), tokens, max(0, len(tokens) - 2))
+        if n - keep >= MIN_REUSE and \
+                self._held(key) + self._reserved + len(tokens) + self._limit(tokens, max_tokens) <= e.n_ctx:
+            return 0, n
+        return keep, 0
+
     def _need(self, tokens: Sequence[int], max_tokens: int, key: tuple) -> int:
         """KV cells an answer under `key` takes beside what it shares: its prompt part and answer."""
-        return len(tokens) - self._shared(tokens, key) + self._limit(tokens, max_tokens)
+        return len(tokens) - self._plan(tokens, max_tokens, key)[0] + self._limit(tokens, max_tokens)
 
     def _held(self, key: tuple | None = None) -> int:
         """KV cells held by prefix holders (sequence 0 and the other sets'); with `key`, not
@@ -223,17 +240,24 @@ class ContinuousBatch:
         except BaseException:
             sampler.close()
             raise
-        keep = self._shared(tokens, key)
-        if reused is None:
-            reused = keep
         limit = self._limit(tokens, max_tokens)
+        keep, restore = self._plan(tokens, max_tokens, key)
         seq = self._free.pop()
-        if keep:
-            b.memory_seq_copy(self._source(key)[0], seq, 0, keep)
+        todo = restore and self._restore(key, tokens, seq)
+        if todo:
+            reused = todo
+        else:
+            keep = self._shared(tokens, key)
+            todo = keep
+            if reused is None:
+                reused = keep
+            if keep:
+                b.memory_seq_copy(self._source(key)[0], seq, 0, keep)
+        head = len(tokens) if e.prompt_cache.enabled else 0    # prefilled apart (see _prefill_apart)
         a = Answer(tokens, limit, list(stop or []), seq,
                    Generation("", "length", len(tokens), 0, 0.0, 0.0, dict(selection), reused_prefix=reused),
-                   cancel if cancel is not None else threading.Event(), key, sampler, todo=keep, pos=keep, t0=t0,
-                   reserved=len(tokens) - keep + limit, ignore_eos=bool(ignore_eos))
+                   cancel if cancel is not None else threading.Event(), key, sampler, todo=todo, pos=todo, t0=t0,
+                   reserved=len(tokens) - keep + limit, ignore_eos=bool(ignore_eos), head=head, save=head > 0 and todo < len(tokens) - 2)
         self._reserved += a.reserved
         self.answers.append(a)
         self._pin()
@@ -260,13 +284,65 @@ class ContinuousBatch:
             return self._hold(key, tokens[:len(tokens) - 2])
         return None
 
+    def _restore(self, key: tuple, tokens: list[int], seq: int) -> int:
+        """Restore the prompt cache's best entry for `tokens` under `key` into `seq` (cells of its
+        own); returns the prompt tokens now there, 0 when nothing was restored."""
+        e, b = self._e, self._b
+        hit = e.prompt_cache.best(e._set_key(key), tokens, max(0, len(tokens) - 2), at_least=MIN_REUSE)
+        if hit is None:
+            return 0
+        state, _, n = hit
+        if b.state_restore(state, seq=seq) and b.memory_seq_drop(seq, n):
+            return n
+        b.memory_seq_drop(seq)
+        return 0
+
+    def _save_head(self, a: Answer) -> None:
+        """Keep an ended answer's prompt head, all but its last two prompt tokens (K/V from the
+        prefill apart, never from a step), in the prompt cache for the next request with that
+        prompt under that set: that request then decodes two tokens, never one alone."""
+        e, b = self._e, self._b
+        n = len(a.tokens) - 2
+        if not e.prompt_cache.enabled or n < MIN_REUSE or not b.memory_seq_drop(a.seq, n):
+            return
+        state = b.state_save(e.prompt_cache.budget_bytes, seq=a.seq)
+        if state is not None:
+            e.prompt_cache.put(e._set_key(a.key), a.tokens[:n], state)
+
     # -- decoding ---------------------------------------------------------------------------
+    def _prefill_apart(self, pending: list[Answer]) -> list[Answer]:
+        """The prompts of answers that joined, in decodes of their own with llama.cpp's ops (no
+        step fusions), as a single request prefills its prompt: their first tokens come from
+        these logits, and their heads (all but the last two prompt tokens) are K/V that the
+        prompt cache keeps when the answer ends, for a later request with that prompt."""
+        self._configure({a.key for a in self.answers})
+        rows = [(a.tokens[j], j, a.seq, j == len(a.tokens) - 1, a if j == len(a.tokens) - 1 else None)
+                for a in pending for j in range(a.todo, len(a.tokens))]
+        owners = [a for a in pending for _ in range(a.todo, len(a.tokens))]
+        touched: list[Answer] = []
+        while rows:
+            n = min(len(rows), self._b.n_batch)
+            if len(rows) - n == 1:
+                n -= 1       # never decode one prompt token alone
+            part, rows = rows[:n], rows[n:]
+            self._b.decode_seqs([r[0] for r in part], [r[1] for r in part], [r[2] for r in part], [r[3] for r in part])
+            for r, a in zip(part, owners[:n]):
+                a.todo = r[1] + 1          # only K/V a decode has computed count as prefilled
+            owners = owners[n:]
+            touched += self._advance(part)
+        return touched
+
     def step(self) -> list[Answer]:
         """One llama_decode for every live answer; returns the answers that advanced or ended
-        (ended ones have `done` set and have left the batch)."""
+        (ended ones have `done` set and have left the batch). With the prompt cache on, the
+        prompts of answers that joined are prefilled first, apart (see _prefill_apart), and the
+        step returns after them."""
         touched = [a for a in self.answers if a.cancel.is_set()]
         for a in touched:
             self._end(a, "cancelled")
+        pending = [a for a in self.answers if a.todo < a.head]
+        if pending:
+            return touched + self._prefill_apart(pending)
         rows: list[tuple[int, int, int, bool, Answer | None]] = []
         for a in self.answers:
             if a.todo >= len(a.tokens):
@@ -295,6 +371,11 @@ class ContinuousBatch:
                 a.gen.batch_size = n
         self._b.decode_seqs([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows],
                             step=True)
+        return touched + self._advance(rows)
+
+    def _advance(self, rows: list[tuple[int, int, int, bool, Answer | None]]) -> list[Answer]:
+        """After a decode of `rows`: each answer whose row it was samples its next token."""
+        touched = []
         for row, r in enumerate(rows):
             a = r[4]
             if a is None:
@@ -346,6 +427,8 @@ class ContinuousBatch:
         self.answers.remove(a)
         self._pin()
         self._reserved -= a.reserved
+        if a.save and a.todo >= a.head:
+            self._save_head(a)
         self._b.memory_seq_drop(a.seq)
         self._free.append(a.seq)
         if a.sampler is not None:

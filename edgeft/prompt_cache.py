@@ -8,9 +8,11 @@ a later request under the same set restores the entry that shares the longest pr
 prompt and prefills only the rest. Keys name each adapter's file version (path, inode, size,
 mtime) and scale, so an entry can only ever be restored under the very weights that wrote it.
 
-Entries are bounded by a budget in MB, least recently used evicted first. An entry replaces an
-older one of the same set when the two share most of the older one's tokens (they serve the same
-prefix), so one task's stream of requests keeps one entry instead of one per request.
+Entries are bounded by a budget in MB, least recently used evicted first. An entry replaces the
+older ones of its set that it extends (their tokens are a prefix of its own: it serves every
+request they served), and a set keeps at most PER_SET entries, its least recently used going
+first, so that one task's stream of distinct prompts (a batch saves each answer's prompt, see
+continuous.py) cannot push the other sets' prefixes out of the budget.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Sequence
 AdapterSetKey = tuple  # ((name, file version, scale), ...) sorted by name; () is the bare base
 
 MIN_REUSE = 4       # a restore that saves fewer prompt tokens than this is not worth its copy
-SAME_PREFIX = 0.5   # a new entry replaces an older one of its set sharing this share of its tokens
+PER_SET = 8         # entries one adapter set may hold (its recent distinct prompts)
 
 
 @dataclass
@@ -79,8 +81,12 @@ class PromptCache:
             return False
         tokens = tuple(tokens)
         for i, e in list(self._entries.items()):
-            if e.key == key and common_prefix(e.tokens, tokens) >= SAME_PREFIX * len(e.tokens):
+            if e.key == key and tokens[:len(e.tokens)] == e.tokens:
                 self._bytes -= len(self._entries.pop(i).state)
+        own = [i for i, e in self._entries.items() if e.key == key]
+        for i in own[:max(0, len(own) - PER_SET + 1)]:
+            self._bytes -= len(self._entries.pop(i).state)
+            self.stats.evictions += 1
         while self._entries and self._bytes + len(state) > self.budget_bytes:
             self._bytes -= len(self._entries.popitem(last=False)[1].state)
             self.stats.evictions += 1
@@ -89,6 +95,12 @@ class PromptCache:
         self._next += 1
         self.stats.saves += 1
         return True
+
+    def longest(self, key: AdapterSetKey, tokens: Sequence[int], usable: int) -> int:
+        """How many of `tokens` (at most `usable`) this set's best entry would restore; a look
+        that changes nothing (no statistics, no recency), for planning."""
+        return max((min(common_prefix(e.tokens, tokens), usable) for e in self._entries.values() if e.key == key),
+                   default=0)
 
     def best(self, key: AdapterSetKey, tokens: Sequence[int], usable: int,
              at_least: int = MIN_REUSE) -> tuple[bytearray, tuple[int, ...], int] | None:

@@ -173,6 +173,59 @@ def test_the_batch_holds_the_engine_and_leaves_its_kv_rules(tiny_engine):
     assert again.text == tiny_engine.complete(PROMPTS[0], max_tokens=12).text
 
 
+def test_a_prompt_seen_before_is_restored_from_the_prompt_cache_not_prefilled(tiny_engine):
+    """With the prompt cache on, each answer's prompt is prefilled apart from the decode steps,
+    with llama.cpp's own ops as a single request prefills it, and when the answer ends its head
+    (all but the last two prompt tokens) goes to the cache under its adapter set. The same prompt
+    later restores that head: two tokens decoded instead of the prompt, and the same answer."""
+    e = tiny_engine
+    e.prompt_cache.clear()
+    toks = [e.tokenize(p) for p in PROMPTS[:5]]
+    want = _solo(e, PROMPTS[:5], max_tokens=12)
+    calls = []
+    b = e._b
+    real = b.decode_seqs
+    b.decode_seqs = lambda t, *a, step=False, **k: calls.append((len(t), step)) or real(t, *a, step=step, **k)
+    try:
+        for round_ in range(2):
+            calls.clear()
+            saves, hits = e.prompt_cache.stats.saves, e.prompt_cache.stats.hits
+            with e.batch() as cb:
+                got = [cb.add(t, max_tokens=12) for t in toks]
+                while cb.answers:
+                    cb.step()
+            assert [a.gen.text for a in got] == [g.text for g in want]
+            # prompt rows only in decodes apart; a step carries one row per answer
+            assert all(n <= len(toks) for n, step in calls if step)
+            prompt_rows = sum(n for n, step in calls if not step)
+            if round_ == 0:
+                assert e.prompt_cache.stats.saves - saves == 4     # the first answer's head is sequence 0's
+                assert prompt_rows > 2 * len(toks) + 4 * 4            # their own prompt parts
+            else:
+                assert e.prompt_cache.stats.hits - hits >= 4
+                assert [a.gen.reused_prefix for a in got[1:]] == [len(t) - 2 for t in toks[1:]]
+                assert prompt_rows == 2 * len(toks)
+            assert e.prompt_cache.nbytes <= e.prompt_cache.budget_bytes
+    finally:
+        del b.decode_seqs
+
+
+def test_without_the_prompt_cache_prompts_are_prefilled_in_the_steps(tiny_base):
+    from edgeft import Engine
+
+    with Engine(str(tiny_base), n_ctx=2048, n_threads=1, prompt_cache_mb=0) as eng:
+        toks = [eng.tokenize(p) for p in PROMPTS[:3]]
+        calls = []
+        real = eng._b.decode_seqs
+        eng._b.decode_seqs = lambda t, *a, step=False, **k: calls.append((len(t), step)) or real(t, *a, step=step, **k)
+        with eng.batch() as cb:
+            got = [cb.add(t, max_tokens=6) for t in toks]
+            while cb.answers:
+                cb.step()
+        assert max(n for n, step in calls if step) > len(toks)     # prompt rows rode in a step
+        assert [a.gen.text for a in got] == [g.text for g in _solo(eng, PROMPTS[:3], max_tokens=6)]
+
+
 def test_parallel_zero_has_no_batches_but_run_many_still_answers(tiny_base):
     from edgeft import Engine
 

@@ -391,6 +391,27 @@ def test_run_many_answers_each_input_under_its_own_adapter(eng, adapters, tmp_pa
 
 
 @needs_patch
+def test_a_batch_restores_a_prompt_only_under_the_set_that_computed_it(eng):
+    """Batched answers keep their prompts' heads in the prompt cache under their own adapter set:
+    the same prompts under another set restore nothing of them, and under the same set again
+    they are restored; every answer equals its solo answer."""
+    texts = [f"question {i}: " + "why " * i for i in range(4)]
+    solo = {n: [eng.run(t, adapter=n, max_tokens=8).text for t in texts] for n in ("a", "b")}
+    assert solo["a"] != solo["b"]
+    eng.reset()                   # sequence 0's prompt goes to the cache, which is then emptied
+    eng.prompt_cache.clear()
+    restored = {}
+    for i, name in enumerate(("a", "b", "a")):
+        hits = eng.prompt_cache.stats.hits
+        many = eng.run_many(texts, adapter=name, max_tokens=8)
+        assert [g.text for g in many] == solo[name]
+        restored[i] = eng.prompt_cache.stats.hits - hits
+    assert restored[0] == 0 and restored[1] == 0       # b never restores what a computed
+    assert restored[2] >= len(texts) - 1               # a restores its own
+    keys = {e.key for e in eng.prompt_cache._entries.values()}
+    assert {k[0][0] for k in keys} == {"a", "b"} and all(len(k) == 1 for k in keys)
+
+
 def test_random_joins_cancels_and_sets_keep_every_rule(tiny_base, adapters):
     """200 steps of random traffic in a small context: answers under 5 sets (some sharing a
     system prompt) join when `fits` says so, some are cancelled; llama_decode never runs out of

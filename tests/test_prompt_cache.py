@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from edgeft.prompt_cache import PromptCache, common_prefix
+from edgeft.prompt_cache import PER_SET, PromptCache, common_prefix
 
 A = (("a", ("a.gguf", 1, 10, 5), 1.0),)
 B = (("b", ("b.gguf", 2, 10, 5), 1.0),)
@@ -52,15 +52,26 @@ def test_budget_evicts_least_recently_used_and_refuses_what_cannot_fit():
     assert c.nbytes <= 1000
 
 
-def test_an_entry_replaces_the_older_one_of_its_prefix_family_only():
+def test_an_entry_replaces_only_entries_it_extends_and_a_set_keeps_at_most_per_set():
     c = PromptCache(1.0)
     head = list(range(100, 140))
     c.put(A, head + [1, 2, 3], _state(10))
-    c.put(A, head + [7, 8], _state(10))          # same system prompt: replaces the first
-    c.put(A, list(range(500, 540)), _state(10))  # another task's prefix: kept beside it
+    c.put(A, head + [7, 8], _state(10))          # another prompt after the same system prompt: kept beside it
+    c.put(A, head + [7, 8, 9, 10], _state(10))   # extends the second: replaces it
     c.put(B, head + [1, 2, 3], _state(10))       # another set: never replaces A's
     assert len(c) == 3 and c.nbytes == 30
-    assert c.best(A, head + [7, 8, 9], usable=50)[2] == 42
+    assert c.best(A, head + [7, 8, 9, 11], usable=50)[2] == 43
+    assert c.best(A, head + [1, 2, 3, 4], usable=50)[2] == 43
+    assert c.longest(A, head + [7, 8, 9, 10], usable=44) == 44 and c.longest(A, [5, 6], usable=9) == 0
+    hits = c.stats.hits
+    c.longest(A, head, usable=50)
+    assert c.stats.hits == hits                   # a look changes nothing
+    for i in range(PER_SET + 3):                  # one set's stream of distinct prompts
+        c.put(A, head + [200 + i, 1, 2], _state(10))
+    assert sum(e.key == A for e in c._entries.values()) == PER_SET
+    assert c.best(B, head + [1, 2, 3], usable=50) is not None   # the other set's entry stays
+    assert c.best(A, head + [200 + PER_SET + 2, 1], usable=50)[2] == 42  # the newest kept
+    assert c.best(A, head + [200, 1], usable=50)[2] == 40       # the oldest went first
 
 
 def test_disabled_cache_keeps_nothing():
@@ -122,7 +133,8 @@ def test_alternating_sets_reuse_only_their_own_kv_and_equal_fresh_engines(base_p
         assert got == fresh
         assert reused[:2] == [0, 0] and min(reused[2:]) > 10   # the shared system prompt, from the cache
         rep = e.prompt_cache.report()
-        assert rep["hits"] == len(PROMPTS) * 2 - 2 and rep["entries"] == 2
+        # every prompt kept under its own set (the last one is still in sequence 0)
+        assert rep["hits"] == len(PROMPTS) * 2 - 2 and rep["entries"] == len(PROMPTS) * 2 - 1
         # the bare base never gets an adapter's K/V: its first request after them reuses nothing
         assert _answer(e, None, PROMPTS[0]).reused_prefix == 0
 
