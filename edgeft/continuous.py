@@ -11,6 +11,13 @@ samples its first token from the step that held its last prompt row. Each answer
 sampler (grammar), stop strings, max_tokens and cancel event; a finished or cancelled answer
 frees its sequence and cells at once, so a waiting request can join at the next step.
 
+With the prompt cache on, the prompts of answers that joined are prefilled apart instead, in
+decodes of their own before the next step (`_prefill_apart`: llama.cpp's ops, no step fusions,
+as a single request prefills), and each answer's head (all but its last two prompt tokens) goes
+to the prompt cache when it ends. A later answer whose prompt the cache holds beyond what it
+shares with its set's prefix restores it into cells of its own and decodes two tokens: a
+request seen before skips its prompt, under the set that computed it only.
+
 The single-request path's rules hold here too: only K/V computed by batched decodes are shared
 (generated tokens never are), a prompt suffix is never decoded as a lone token, and sequence 0
 changes only while no answer depends on it, which keeps the cell reservation exact: an answer
