@@ -11,7 +11,9 @@ samples its first token from the step that held its last prompt row. Each answer
 sampler (grammar), stop strings, max_tokens and cancel event; a finished or cancelled answer
 frees its sequence and cells at once, so a waiting request can join at the next step.
 
-With the prompt cache on, the prompts of answers that joined are prefilled apart instead, in
+With the prompt cache on and patch 0006 (`_llama.patches.batch_attention_own_cells()`: a step's
+attention then depends on the order of an answer's cells, not on where they sit, so cells
+restored elsewhere give the same sums), the prompts of answers that joined are prefilled apart, in
 decodes of their own before the next step (`_prefill_apart`: llama.cpp's ops, no step fusions,
 as a single request prefills), and each answer's head (all but its last two prompt tokens) goes
 to the prompt cache when it ends. A later answer whose prompt the cache holds beyond what it
@@ -132,6 +134,9 @@ class ContinuousBatch:
         self._reserved = 0
         self._config: tuple = engine._applied   # what the context applies now (see _configure)
         self._seq_scales: dict[str, list[float]] = {}
+        # prompts prefilled apart and restored from the prompt cache (see the module's docstring):
+        # only where a step's attention does not depend on where an answer's cells sit
+        self._apart = engine.prompt_cache.enabled and _llama.patches.batch_attention_own_cells()
 
     # -- adapter sets -------------------------------------------------------------------------
     def resolve(self, adapter: AdapterSpec = UNSET) -> dict[str, float]:
@@ -172,7 +177,7 @@ class ContinuousBatch:
         and the cells for the whole prompt are free). One of the two is 0."""
         keep = self._shared(tokens, key)
         e = self._e
-        if not e.prompt_cache.enabled or not self.answers:
+        if not self._apart or not self.answers:
             return keep, 0
         n = e.prompt_cache.longest(e._set_key(key), tokens, max(0, len(tokens) - 2))
         if n - keep >= MIN_REUSE and \
@@ -260,7 +265,7 @@ class ContinuousBatch:
                 reused = keep
             if keep:
                 b.memory_seq_copy(self._source(key)[0], seq, 0, keep)
-        head = len(tokens) if e.prompt_cache.enabled else 0    # prefilled apart (see _prefill_apart)
+        head = len(tokens) if self._apart else 0    # prefilled apart (see _prefill_apart)
         a = Answer(tokens, limit, list(stop or []), seq,
                    Generation("", "length", len(tokens), 0, 0.0, 0.0, dict(selection), reused_prefix=reused),
                    cancel if cancel is not None else threading.Event(), key, sampler, todo=todo, pos=todo, t0=t0,

@@ -7,6 +7,7 @@ import threading
 
 import pytest
 
+from edgeft import _llama
 from edgeft.errors import InputError
 
 PROMPTS = [f"<|im_start|>user\nquestion {i}: " + "why " * (i % 4) + "<|im_end|>\n<|im_start|>assistant\n"
@@ -173,6 +174,8 @@ def test_the_batch_holds_the_engine_and_leaves_its_kv_rules(tiny_engine):
     assert again.text == tiny_engine.complete(PROMPTS[0], max_tokens=12).text
 
 
+@pytest.mark.skipif(not _llama.patches.batch_attention_own_cells(),
+                    reason="needs llama.cpp built with cmake/patches 0006 (setup.sh)")
 def test_a_prompt_seen_before_is_restored_from_the_prompt_cache_not_prefilled(tiny_engine):
     """With the prompt cache on, each answer's prompt is prefilled apart from the decode steps,
     with llama.cpp's own ops as a single request prefills it, and when the answer ends its head

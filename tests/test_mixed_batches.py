@@ -390,7 +390,8 @@ def test_run_many_answers_each_input_under_its_own_adapter(eng, adapters, tmp_pa
     assert [o["text"] for o in out] == want
 
 
-@needs_patch
+@pytest.mark.skipif(not _llama.patches.batch_attention_own_cells(),
+                    reason="needs llama.cpp built with cmake/patches 0006 (setup.sh)")
 def test_a_batch_restores_a_prompt_only_under_the_set_that_computed_it(eng):
     """Batched answers keep their prompts' heads in the prompt cache under their own adapter set:
     the same prompts under another set restore nothing of them, and under the same set again
@@ -412,6 +413,7 @@ def test_a_batch_restores_a_prompt_only_under_the_set_that_computed_it(eng):
     assert {k[0][0] for k in keys} == {"a", "b"} and all(len(k) == 1 for k in keys)
 
 
+@needs_patch
 def test_random_joins_cancels_and_sets_keep_every_rule(tiny_base, adapters):
     """200 steps of random traffic in a small context: answers under 5 sets (some sharing a
     system prompt) join when `fits` says so, some are cancelled; llama_decode never runs out of

@@ -76,11 +76,17 @@ def lora_decode_path() -> str:
             "fused (patch 0002)")
 
 
+def batch_attention_own_cells() -> bool:
+    """Whether a step of several answers runs attention over each row's own KV cells (patch
+    0006), summing them in their order in the buffer: a row's result then depends on its cells'
+    order, not on where they sit. llama.cpp's ops sum over every cell, in SIMD lanes chosen by
+    each cell's index, so moving an answer's cells changes its sums."""
+    return patch_level() >= 7 and os.environ.get("GGML_CPU_DISABLE_FUSION", "").strip() != "1"
+
+
 def batch_attention_path() -> str:
-    """How a step of several answers runs attention on this build, in words (`edgeft doctor`):
-    patch 0006 computes each row over the KV cells it can see; otherwise llama.cpp's ops run over
-    every cell of the shared buffer and mask the other answers' cells."""
-    if patch_level() >= 7 and os.environ.get("GGML_CPU_DISABLE_FUSION", "").strip() != "1":
+    """How a step of several answers runs attention on this build, in words (`edgeft doctor`)."""
+    if batch_attention_own_cells():
         return "each row over its own KV cells (patch 0006)"
     return "every cell of the shared KV buffer, masked"
 
