@@ -96,8 +96,8 @@ class Answer:
     t_first: float | None = None
     t_end: float = 0.0
     reserved: int = 0                  # KV cells promised to this answer
-    head: int = 0                      # the prompt is prefilled apart from the steps up to here
-    save: bool = False                 # it computed prompt K/V the prompt cache keeps when it ends
+    apart: bool = False                # its prompt is prefilled apart from the steps (_prefill_apart)
+    save: bool = False                 # it computes prompt K/V that the prompt cache keeps when it ends
     ignore_eos: bool = False
     error: Exception | None = None     # why it ended with finish_reason "error"
     utf8: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
@@ -265,11 +265,11 @@ class ContinuousBatch:
                 reused = keep
             if keep:
                 b.memory_seq_copy(self._source(key)[0], seq, 0, keep)
-        head = len(tokens) if self._apart else 0    # prefilled apart (see _prefill_apart)
         a = Answer(tokens, limit, list(stop or []), seq,
                    Generation("", "length", len(tokens), 0, 0.0, 0.0, dict(selection), reused_prefix=reused),
                    cancel if cancel is not None else threading.Event(), key, sampler, todo=todo, pos=todo, t0=t0,
-                   reserved=len(tokens) - keep + limit, ignore_eos=bool(ignore_eos), head=head, save=head > 0 and todo < len(tokens) - 2)
+                   reserved=len(tokens) - keep + limit, ignore_eos=bool(ignore_eos),
+                   apart=self._apart, save=self._apart and todo < len(tokens) - 2)
         self._reserved += a.reserved
         self.answers.append(a)
         self._pin()
@@ -346,13 +346,13 @@ class ContinuousBatch:
 
     def step(self) -> list[Answer]:
         """One llama_decode for every live answer; returns the answers that advanced or ended
-        (ended ones have `done` set and have left the batch). With the prompt cache on, the
-        prompts of answers that joined are prefilled first, apart (see _prefill_apart), and the
-        step returns after them."""
+        (ended ones have `done` set and have left the batch). Where prompts are prefilled apart
+        (the prompt cache on, patch 0006), the prompts of answers that joined go first, in
+        decodes of their own (see _prefill_apart), and the step returns after them."""
         touched = [a for a in self.answers if a.cancel.is_set()]
         for a in touched:
             self._end(a, "cancelled")
-        pending = [a for a in self.answers if a.todo < a.head]
+        pending = [a for a in self.answers if a.apart and a.todo < len(a.tokens)]
         if pending:
             return touched + self._prefill_apart(pending)
         rows: list[tuple[int, int, int, bool, Answer | None]] = []
@@ -439,7 +439,7 @@ class ContinuousBatch:
         self.answers.remove(a)
         self._pin()
         self._reserved -= a.reserved
-        if a.save and a.todo >= a.head:
+        if a.save and a.todo >= len(a.tokens) - 2:     # its head was prefilled whole
             self._save_head(a)
         self._b.memory_seq_drop(a.seq)
         self._free.append(a.seq)

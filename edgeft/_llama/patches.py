@@ -35,19 +35,22 @@ def mixed_adapter_batches() -> bool:
 
 
 @functools.cache
+def _context_switch(name: str) -> Any:
+    """A patch's `int32_t name(llama_context *, int32_t on)`, or None when the build lacks it."""
+    fn = getattr(llama_cpp.llama_cpp._lib, name, None)
+    if fn is not None:
+        fn.restype, fn.argtypes = ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32]
+    return fn
+
+
 def rows_fusion_fn() -> Any:
-    fn = getattr(llama_cpp.llama_cpp._lib, "edgeft_llama_set_lora_rows_fusion", None)
-    if fn is not None:
-        fn.restype, fn.argtypes = ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32]
-    return fn
+    """Patch 0004's setting: LoRA products of a batch step token by token."""
+    return _context_switch("edgeft_llama_set_lora_rows_fusion")
 
 
-@functools.cache
 def attn_rows_fn() -> Any:
-    fn = getattr(llama_cpp.llama_cpp._lib, "edgeft_llama_set_attn_rows_fusion", None)
-    if fn is not None:
-        fn.restype, fn.argtypes = ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32]
-    return fn
+    """Patch 0006's setting: a batch step's attention over each row's own KV cells."""
+    return _context_switch("edgeft_llama_set_attn_rows_fusion")
 
 
 @functools.cache
@@ -128,24 +131,24 @@ def _ggml_cpu_lib() -> ctypes.CDLL | None:
     return None
 
 
-def lora_fused_chains() -> int | None:
-    """How many single-token LoRA chains the CPU backend has fused in this process (patch
-    0002), or None when the build has no such counter. Tests use it to see the fusion engage."""
+def _cpu_counter(name: str) -> int | None:
+    """A counter the patched CPU backend exports (`int64_t name(void)`), None without it."""
     lib = _ggml_cpu_lib()
-    fn = getattr(lib, "ggml_cpu_lora_fused_chains", None) if lib is not None else None
+    fn = getattr(lib, name, None) if lib is not None else None
     if fn is None:
         return None
     fn.restype, fn.argtypes = ctypes.c_int64, []
     return int(fn())
+
+
+def lora_fused_chains() -> int | None:
+    """How many single-token LoRA chains the CPU backend has fused in this process (patch
+    0002), or None when the build has no such counter. Tests use it to see the fusion engage."""
+    return _cpu_counter("ggml_cpu_lora_fused_chains")
 
 
 def attn_rows_fusions() -> int | None:
     """How many decode-batch attentions (one per layer and step) the CPU backend has run over
     each row's own KV cells in this process (patch 0006), or None when the build has no such
     counter. Tests use it to see the fusion engage."""
-    lib = _ggml_cpu_lib()
-    fn = getattr(lib, "ggml_cpu_attn_rows_fusions", None) if lib is not None else None
-    if fn is None:
-        return None
-    fn.restype, fn.argtypes = ctypes.c_int64, []
-    return int(fn())
+    return _cpu_counter("ggml_cpu_attn_rows_fusions")

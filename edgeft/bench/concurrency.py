@@ -1,17 +1,19 @@
 """The concurrency phase: `edgeft serve`, in its own process on a loopback port, under 1, 4 and 8
 concurrent clients; optionally llama.cpp's `llama-server` under the same load.
 
-Each client sends `requests` chat requests one after another (a fixed system prompt, a short user
-input, `answer_tokens` greedy tokens). Loads: every request for the first adapter ("same"), or
-the two first adapters alternating from request to request and client to client ("mixed"); the
-8-client loads also run with the prompt cache off. The inputs cycle, so each prompt comes back
-three times in a load (llama-server then reuses a slot's whole cached prompt); a last load at the
-most clients ("distinct", one adapter) gives every request a prompt of its own. Reported per load: generated tokens per
-second over the load's wall time, request latency p50 / p90, the most answers the edgeft
-server decoded together (each answer's `edgeft.batch_size`; nothing polls the server, whose
-threads need both cores), the steps that mixed adapter sets (`/health` before and after), and
-for the 8-client loads the share of answers identical to the same request sent alone. llama-server (`--llama-server PATH`, built from the same llama.cpp) gets the same model,
-threads and adapters (`--lora`, chosen per request with its `lora` field) and `-np` = clients.
+Each client sends `requests` chat requests one after another (a fixed system prompt, a short
+user input, `answer_tokens` greedy tokens). Loads: every request for the first adapter ("same"),
+or the two first adapters alternating from request to request and client to client ("mixed");
+the 8-client loads also run with the prompt cache off. The inputs cycle, so each prompt comes
+back three times in a load (llama-server then reuses a slot's whole cached prompt); a last load
+at the most clients ("distinct", one adapter) gives every request a prompt of its own. Reported
+per load: generated tokens per second over the load's wall time, request latency p50 / p90, the
+most answers the edgeft server decoded together (each answer's `edgeft.batch_size`; nothing
+polls the server, whose threads need both cores), the steps that mixed adapter sets (`/health`
+before and after), and for the 8-client loads the share of answers identical to the same request
+sent alone. llama-server (`--llama-server PATH`, built from the same llama.cpp) gets the same
+model, threads and adapters (`--lora`, chosen per request with its `lora` field) and `-np` =
+clients.
 """
 
 from __future__ import annotations
