@@ -255,7 +255,7 @@ class ContinuousBatch:
         limit = self._limit(tokens, max_tokens)
         keep, restore = self._plan(tokens, max_tokens, key)
         seq = self._free.pop()
-        todo = restore and self._restore(key, tokens, seq)
+        todo = restore and self._restore(key, tokens, len(tokens) - 2, seq)
         if todo:
             reused = todo
         else:
@@ -296,14 +296,19 @@ class ContinuousBatch:
             return self._hold(key, tokens[:len(tokens) - 2])
         return None
 
-    def _restore(self, key: tuple, tokens: list[int], seq: int) -> int:
+    def _restore(self, key: tuple, tokens: list[int], usable: int, seq: int) -> int:
         """Restore the prompt cache's best entry for `tokens` under `key` into `seq` (cells of its
-        own); returns the prompt tokens now there, 0 when nothing was restored."""
+        own), at most `usable` tokens and never all but one; returns the prompt tokens now
+        there, 0 when nothing was restored."""
         e, b = self._e, self._b
-        hit = e.prompt_cache.best(e._set_key(key), tokens, max(0, len(tokens) - 2), at_least=MIN_REUSE)
+        if not e.prompt_cache.enabled:
+            return 0
+        hit = e.prompt_cache.best(e._set_key(key), tokens, max(0, usable), at_least=MIN_REUSE)
         if hit is None:
             return 0
         state, _, n = hit
+        if len(tokens) - n == 1:
+            n -= 1       # the rest is never one prompt token decoded alone
         if b.state_restore(state, seq=seq) and b.memory_seq_drop(seq, n):
             return n
         b.memory_seq_drop(seq)
@@ -467,23 +472,13 @@ class ContinuousBatch:
             self._release(self._idle()[0])     # the sequence of a holder nothing shares now
         if not self._holder_seqs or len(prefix) < MIN_REUSE:
             return None
-        e, b = self._e, self._b
+        b = self._b
         h = _Holder(self._holder_seqs.pop(), list(prefix))
         self._holders[key] = h
         self._pin()
         try:
             self._configure({a.key for a in self.answers} | {key})
-            done = 0
-            hit = e.prompt_cache.best(e._set_key(key), prefix, len(prefix), at_least=MIN_REUSE) \
-                if e.prompt_cache.enabled else None
-            if hit is not None:
-                state, _, keep = hit
-                if len(prefix) - keep == 1:
-                    keep -= 1
-                if b.state_restore(state, seq=h.seq) and b.memory_seq_drop(h.seq, keep):
-                    done = keep
-                else:
-                    b.memory_seq_drop(h.seq)
+            done = self._restore(key, prefix, len(prefix), h.seq)
             reused = done
             rest = prefix[done:]
             while rest:

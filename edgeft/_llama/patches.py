@@ -62,11 +62,16 @@ def seq_scales_fn() -> Any:
     return fn
 
 
+def _cpu_fusion_on() -> bool:
+    """ggml's switch for all its CPU fusions, edgeft's patched ones included."""
+    return os.environ.get("GGML_CPU_DISABLE_FUSION", "").strip() != "1"
+
+
 def lora_decode_fused() -> bool:
     """Whether decode on the CPU runs each adapter's LoRA ops as one fused op (patch 0002), as
     opposed to four graph nodes per adapted matrix. GGML_CPU_DISABLE_FUSION=1 (ggml's switch
     for all its CPU fusions) turns it off."""
-    return patch_level() >= 3 and os.environ.get("GGML_CPU_DISABLE_FUSION", "").strip() != "1"
+    return patch_level() >= 3 and _cpu_fusion_on()
 
 
 def lora_decode_path() -> str:
@@ -84,7 +89,7 @@ def batch_attention_own_cells() -> bool:
     0006), summing them in their order in the buffer: a row's result then depends on its cells'
     order, not on where they sit. llama.cpp's ops sum over every cell, in SIMD lanes chosen by
     each cell's index, so moving an answer's cells changes its sums."""
-    return patch_level() >= 7 and os.environ.get("GGML_CPU_DISABLE_FUSION", "").strip() != "1"
+    return patch_level() >= 7 and _cpu_fusion_on()
 
 
 def batch_attention_path() -> str:
